@@ -1,0 +1,6 @@
+"""policy_accel: exact parallel-in-time sampling for diffusion robot policies."""
+
+from policy_accel.sampling import DenoisingProblem, SampleResult, sample
+
+__all__ = ["DenoisingProblem", "SampleResult", "sample"]
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""Picard iteration in exponential-integrator form.
+
+Every supported step is ``x[i+1] = a_i x[i] + r_i(x[i])`` where ``a_i`` is the step's linear
+coefficient with the model output held fixed (for an epsilon model the DDIM ratio
+``alpha_{i+1} / alpha_i``) and ``r_i`` carries the model term and the noise. Plain Picard /
+ParaDiGMS iterates both parts; here each round evaluates ``r`` on the whole window in one batched
+call and then solves the linear part *exactly* by a scan, ``x[i+1] = a_i x[i] + r_i``. Only the
+model term's weak dependence on ``x`` is left to iterate, so information crosses the whole window
+in one round: on a 100-step DDPM policy it needs roughly half the rounds of ParaDiGMS cold, and a
+warm start pays (the prototype: 11 cold, 8 warm, against ParaDiGMS' 24).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from policy_accel.execution import Executor
+from policy_accel.sampling.problem import DenoisingProblem
+from policy_accel.sampling.result import SampleResult
+from policy_accel.sampling.solvers.options import WindowOptions
+from policy_accel.sampling.solvers.scan import correction_scan
+from policy_accel.sampling.solvers.windows import solve_by_windows
+from policy_accel.sampling.step_map import StepMap
+
+
+@dataclass(frozen=True)
+class PicardOptions(WindowOptions):
+    """Window options (see :class:`WindowOptions`); default tolerance 0.1 as ParaDiGMS."""
+
+
+def picard(
+    problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: PicardOptions
+) -> SampleResult:
+    step_map = StepMap(problem, executor)
+    linear = problem.rule.linear_coefficient().to(problem.x_T)
+
+    def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, None]:
+        positions = torch.arange(begin, end, device=x.device)
+        F = step_map(positions, x[begin:end])
+        coefficient = linear[begin:end]
+        new = correction_scan(F, x[begin + 1 : end + 1], lambda p, delta: coefficient[p] * delta)
+        return new, new - x[begin + 1 : end + 1], None
+
+    return solve_by_windows(
+        step_map,
+        iterate,
+        method="picard",
+        init=init,
+        window=options.window,
+        tolerance=options.tolerance,
+        max_rounds=options.max_rounds,
+        finish=options.finish_sequentially,
+    )

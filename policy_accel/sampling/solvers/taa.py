@@ -1,0 +1,134 @@
+"""Triangular Anderson acceleration (Tang et al. 2024, "Accelerating Parallel Sampling of
+Diffusion Models", ParaTAA).
+
+Each round evaluates the order-``order`` residual of the triangular system: the change that
+``order`` exact exponential-integrator steps (``x[i+1] = a_i x[i] + r_i``, as in ``picard``)
+would make at each position, ``R = G(x) - x``. Anderson acceleration then mixes the last
+``memory`` iterates: ``x <- x + R - (dX + dR) gamma``, where, because position ``i`` only
+depends on positions before it, each position solves its own least-squares problem
+``gamma_i = argmin |R[:i] - dR[:i] gamma|`` over the prefix (the triangular part), regularised by
+``regularization`` times the Gram matrix' mean diagonal. ``memory=0`` gives plain order-``order``
+fixed-point iteration. The first unfinished position always takes its exact value, so the window
+advances at least one step per round and ``tolerance=0`` reproduces the sequential sample.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from policy_accel.execution import Executor
+from policy_accel.sampling.problem import DenoisingProblem
+from policy_accel.sampling.result import SampleResult
+from policy_accel.sampling.solvers.options import WindowOptions
+from policy_accel.sampling.solvers.scan import correction_scan
+from policy_accel.sampling.solvers.windows import solve_by_windows
+from policy_accel.sampling.step_map import StepMap
+
+
+@dataclass(frozen=True)
+class TAAOptions(WindowOptions):
+    """Window options plus ParaTAA's ``order`` (steps of the residual map; ``None``: the whole
+    window), ``memory`` (iterates kept for Anderson mixing) and ``regularization`` (Tikhonov
+    weight relative to the Gram matrix' mean diagonal)."""
+
+    order: int | None = None
+    memory: int = 3
+    regularization: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.order is not None and (not isinstance(self.order, int) or self.order < 1):
+            raise ValueError(f"order must be a positive int or None. Got {self.order!r}.")
+        if not isinstance(self.memory, int) or self.memory < 0:
+            raise ValueError(f"memory must be an int >= 0. Got {self.memory!r}.")
+        if not self.regularization > 0:
+            raise ValueError(f"regularization must be > 0. Got {self.regularization!r}.")
+
+
+def order_residual(first: Tensor, linear: Tensor, order: int) -> Tensor:
+    """``R_s[p] = sum_{j<s} (a_p a_{p-1} ... a_{p-j+1}) R_1[p-j]``: the change of ``order`` exact
+    linear-part steps, from the one-step residuals ``first [P, B, *event]`` and ``linear [P]``."""
+    shape = (-1,) + (1,) * (first.dim() - 1)
+    total, term = first.clone(), first
+    for _ in range(1, min(order, first.shape[0])):
+        term = torch.cat([torch.zeros_like(term[:1]), term[:-1]]) * linear.reshape(shape)
+        total = total + term
+    return total
+
+
+def anderson_correction(
+    deltas_x: Tensor, deltas_r: Tensor, residual: Tensor, usable: Tensor, regularization: float
+) -> Tensor:
+    """Triangular Anderson correction ``(dX + dR) gamma`` per position.
+
+    ``deltas_*: [m, P, B, E]``, ``residual: [P, B, E]``, ``usable: [P]`` how many of the most
+    recent differences each position may use. Position ``p`` solves its least squares over
+    positions ``<= p`` (prefix sums of the Gram matrices)."""
+    m = deltas_r.shape[0]
+    gram = torch.cumsum(torch.einsum("ipbe,jpbe->pbij", deltas_r, deltas_r), dim=0)
+    rhs = torch.cumsum(torch.einsum("ipbe,pbe->pbi", deltas_r, residual), dim=0)
+    index = torch.arange(m, device=residual.device)
+    keep = (index.unsqueeze(0) >= (m - usable).unsqueeze(1)).to(gram.dtype)  # [P, m]
+    keep_pair = keep.unsqueeze(2) * keep.unsqueeze(1)  # [P, m, m]
+    gram = gram * keep_pair.unsqueeze(1)
+    rhs = rhs * keep.unsqueeze(1)
+    diagonal = torch.diagonal(gram, dim1=-2, dim2=-1)
+    level = diagonal.sum(-1, keepdim=True) / keep.sum(-1).clamp_min(1).reshape(-1, 1, 1)
+    ridge = regularization * level.clamp_min(torch.finfo(gram.dtype).tiny) * keep.unsqueeze(1)
+    ridge = ridge + (1 - keep.unsqueeze(1))  # unused slots: identity rows, zero gamma
+    gram = gram + torch.diag_embed(ridge)
+    gamma = torch.linalg.solve(gram, rhs.unsqueeze(-1)).squeeze(-1)  # [P, B, m]
+    return torch.einsum("pbi,ipbe->pbe", gamma, deltas_x + deltas_r)
+
+
+def taa(problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: TAAOptions) -> SampleResult:
+    step_map = StepMap(problem, executor)
+    linear = problem.rule.linear_coefficient().to(problem.x_T)
+    n = problem.num_steps
+    history: deque[tuple[Tensor, Tensor]] = deque(maxlen=options.memory + 1)
+    rounds_in_window = torch.zeros(n + 1, dtype=torch.long, device=problem.x_T.device)
+
+    def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+        positions = torch.arange(begin, end, device=x.device)
+        old = x[begin + 1 : end + 1]
+        coefficient = linear[begin:end]
+        F = step_map(positions, x[begin:end])
+        # The exact-linear-part (picard) value: what a position settles to, and the change that
+        # the tolerance judges, so taa stops exactly where picard would with the same iterate.
+        settled = correction_scan(F, old, lambda p, delta: coefficient[p] * delta)
+        order = end - begin if options.order is None else options.order
+        residual = order_residual(F - old, coefficient, order)
+        new = old + residual
+        rounds_in_window[begin + 1 : end + 1] += 1
+        if options.memory:
+            snapshot_x = torch.zeros_like(x)
+            snapshot_r = torch.zeros_like(x)
+            snapshot_x[begin + 1 : end + 1] = old
+            snapshot_r[begin + 1 : end + 1] = residual
+            history.append((snapshot_x, snapshot_r))
+            if len(history) > 1:
+                xs = torch.stack([h[0][begin + 1 : end + 1] for h in history])
+                rs = torch.stack([h[1][begin + 1 : end + 1] for h in history])
+                flat = lambda t: t.reshape(*t.shape[: -len(problem.event_shape)], -1)  # noqa: E731
+                deltas_x, deltas_r = flat(xs[1:] - xs[:-1]), flat(rs[1:] - rs[:-1])
+                usable = (rounds_in_window[begin + 1 : end + 1] - 1).clamp(0, len(history) - 1)
+                correction = anderson_correction(
+                    deltas_x, deltas_r, flat(residual), usable, options.regularization
+                )
+                new = new - correction.reshape(new.shape)
+        return new, settled - old, settled
+
+    return solve_by_windows(
+        step_map,
+        iterate,
+        method="taa",
+        init=init,
+        window=options.window,
+        tolerance=options.tolerance,
+        max_rounds=options.max_rounds,
+        finish=options.finish_sequentially,
+    )

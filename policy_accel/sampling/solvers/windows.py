@@ -1,0 +1,103 @@
+"""The sliding window shared by ParaDiGMS-style solvers (paradigms, picard, taa, newton).
+
+A window covers steps ``begin .. end-1``: one round evaluates the denoiser at ``x[begin..end-1]``
+and proposes new values for ``x[begin+1..end]``. ``x[begin]`` is final, so ``x[begin+1]`` is
+final after the round; every following position whose change is within tolerance is final too,
+and the window slides past them (Shih et al. 2023, Algorithm 1). Hence at most N rounds, and at
+``tolerance=0`` the result is the sequential one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from policy_accel.sampling.problem import DenoisingProblem
+from policy_accel.sampling.result import SampleResult
+from policy_accel.sampling.step_map import StepMap
+
+# iterate(x, begin, end) -> (new values for x[begin+1 .. end], change that the tolerance judges,
+#                            values to keep where a position becomes final, or None: the new ones)
+Iterate = Callable[[Tensor, int, int], tuple[Tensor, Tensor, "Tensor | None"]]
+
+
+def initial_trajectory(problem: DenoisingProblem, init: Tensor | None) -> Tensor:
+    """The caller's guess, or ParaDiGMS's cold start: every position equal to ``x_T``."""
+    guess = problem.check_init(init)
+    if guess is not None:
+        return guess
+    return problem.x_T.unsqueeze(0).repeat(problem.num_steps + 1, *([1] * problem.x_T.dim()))
+
+
+def scaled_error(change: Tensor, scale: Tensor) -> Tensor:
+    """Per-position error ``[P]``: per-dimension RMS of ``change [P, B, *event]`` over its noise
+    scale ``[P]``, the worst sample of the batch."""
+    rms = change.reshape(change.shape[0], change.shape[1], -1).pow(2).mean(dim=-1).sqrt()
+    return (rms / scale.to(rms.dtype).unsqueeze(1)).amax(dim=1)
+
+
+def finish_sequentially(step_map: StepMap, x: Tensor, begin: int) -> None:
+    """Complete ``x[begin+1 ..]`` with the sequential loop from the final position ``begin``."""
+    for i in range(begin, step_map.problem.num_steps):
+        positions = torch.tensor([i], device=x.device)
+        x[i + 1] = step_map(positions, x[i : i + 1])[0]
+
+
+def solve_by_windows(
+    step_map: StepMap,
+    iterate: Iterate,
+    *,
+    method: str,
+    init: Tensor | None,
+    window: int | None,
+    tolerance: float,
+    max_rounds: int | None,
+    finish: bool,
+) -> SampleResult:
+    """Run ``iterate`` over a sliding window until every step is final or rounds run out."""
+    problem = step_map.problem
+    n = problem.num_steps
+    window = n if window is None else min(int(window), n)
+    max_rounds = n if max_rounds is None else int(max_rounds)
+    start = time.perf_counter()
+    x = initial_trajectory(problem, init)
+    scale = problem.tolerance_scale
+    residuals: list[float] = []
+    begin, end = 0, window
+    while begin < n and step_map.rounds < max_rounds:
+        new, change, settled = iterate(x, begin, end)
+        error = scaled_error(change, scale[begin:end])
+        late = torch.nonzero(error > tolerance)
+        first_late = int(late[0, 0]) if late.numel() else end - begin
+        new_begin = begin + min(first_late + 1, end - begin)
+        x[begin + 1 : end + 1] = new
+        if settled is not None:
+            x[begin + 1 : new_begin + 1] = settled[: new_begin - begin]
+        residuals.append(float(error.max()))
+        new_end = min(new_begin + window, n)
+        if init is None and new_end > end:
+            x[end + 1 : new_end + 1] = x[end]  # ParaDiGMS: new positions start from the last one
+        begin, end = new_begin, new_end
+    converged = begin >= n
+    converged_steps = min(begin, n)
+    stats = {}
+    if not converged and finish:
+        finish_sequentially(step_map, x, begin)
+        stats["finished_sequentially_from"] = begin
+        converged_steps = n
+    return SampleResult(
+        sample=problem.prepare(x[n]),
+        trajectory=x,
+        x0_predictions=step_map.x0_predictions,
+        rounds=step_map.rounds,
+        model_evals=step_map.model_evals,
+        converged=converged,
+        converged_steps=converged_steps,
+        residuals=residuals,
+        wall_time=time.perf_counter() - start,
+        method=method,
+        stats=stats,
+    )
