@@ -122,6 +122,15 @@ def dpm_solver_rule(scheduler, num_inference_steps: int) -> DPMSolverRule:
             c_d1.append(torch.tensor(0.0))
         second.append(use_second)
 
+    for name, values in (("d0", c_d0), ("d1", c_d1), ("1/r0", inv_r0), ("sample", c_sample)):
+        bad = [i for i, value in enumerate(values) if not torch.isfinite(value)]
+        if bad:
+            raise UnsupportedSchedulerError(
+                f"DPMSolverMultistepScheduler with {num_inference_steps} steps and this sigma "
+                f"schedule has a non-finite {name} coefficient at step {bad[0]} (two equal "
+                "consecutive sigmas); diffusers' own loop returns NaN there. Use "
+                "final_sigmas_type='zero', solver_type='midpoint' or another step count."
+            )
     position_alpha = torch.stack([alpha_sigma(s)[0] for s in sigmas[: n + 1]]).to(torch.float64)
     position_sigma = torch.stack([alpha_sigma(s)[1] for s in sigmas[: n + 1]]).to(torch.float64)
     f32 = lambda values: torch.stack(values).to(torch.float32)  # noqa: E731

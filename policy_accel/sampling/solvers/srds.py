@@ -41,7 +41,9 @@ class SRDSOptions:
     """Attributes:
     block_size: fine steps per block (``None``: ``round(sqrt(N))``).
     tolerance: boundary mismatch allowed, relative to the step's noise scale (as ParaDiGMS).
-    max_rounds: stop after this many rounds (``None``: until exact, at most one iteration per block).
+    max_rounds: stop once this many rounds are spent, checked between iterations (``None``: until
+        exact, at most one iteration per block; a cold start first spends one round per block
+        on the initial coarse sweep).
     pipelined: report the critical path of the pipelined schedule as ``rounds``.
     finish_sequentially: if ``max_rounds`` stops the solver, finish the rest sequentially.
     """
@@ -103,7 +105,7 @@ def srds(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opt
         ready = [0] * blocks
         previous_final = x[n].clone()
 
-    first_open, iterations, residuals = 0, 0, []
+    first_open, iterations, residuals, exact_steps = 0, 0, [], 0
     converged, critical_path = False, 0
     while step_map.rounds < max_rounds:
         iterations += 1
@@ -111,12 +113,15 @@ def srds(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opt
         coarse_old: dict[int, Tensor] = {}
         for s in range(size):
             members = [b for b in active if starts[b] + s < ends[b]]
+            if not members:
+                break
             positions = torch.tensor([starts[b] + s for b in members], device=device)
             inputs = torch.stack([starts_value[b] if s == 0 else x[starts[b] + s] for b in members])
             x[positions + 1] = step_map(positions, inputs)
             if s == 0:
                 jumps = coarse(members, step_map.x0_predictions[positions], inputs)
                 coarse_old = {b: jumps[i] for i, b in enumerate(members)}
+        exact_steps = ends[first_open]  # the first open block started from an exact value
         fine_done = {b: ready[b] + (ends[b] - starts[b]) for b in active}
         critical_path = max(fine_done.values())
 
@@ -149,11 +154,13 @@ def srds(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opt
         starts_value, ready = new_values, new_ready
         first_open += 1
 
-    converged_steps = n if converged else ends[first_open]
+    converged_steps = n if converged else exact_steps
     stats = {"iterations": iterations, "blocks": blocks, "block_size": size, "rounds_executed": step_map.rounds}
     if not converged and options.finish_sequentially:
-        finish_sequentially(step_map, x, ends[first_open])
-        stats["finished_sequentially_from"] = ends[first_open]
+        if exact_steps == 0:
+            x[0] = problem.x_T
+        finish_sequentially(step_map, x, exact_steps)
+        stats["finished_sequentially_from"] = exact_steps
         converged_steps = n
     rounds = critical_path if options.pipelined and converged else step_map.rounds
     return SampleResult(

@@ -119,7 +119,13 @@ def taa(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opti
                 correction = anderson_correction(
                     deltas_x, deltas_r, flat(residual), usable, options.regularization
                 )
-                new = new - correction.reshape(new.shape)
+                mixed = new - correction.reshape(new.shape)
+                # Safeguard: keep the Anderson step only where it is finite and at most twice
+                # as long as the plain step (without it, tolerance 0 diverged to Inf far out).
+                plain_norm = flat(residual).norm(dim=-1)
+                mixed_norm = flat(mixed - old).norm(dim=-1)
+                accept = torch.isfinite(mixed_norm) & (mixed_norm <= 2 * plain_norm)
+                new = torch.where(accept.reshape(*accept.shape, *([1] * len(problem.event_shape))), mixed, new)
         return new, settled - old, settled
 
     return solve_by_windows(

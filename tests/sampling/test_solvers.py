@@ -1,0 +1,144 @@
+"""Every registered solver converges to the sequential sample with the same noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policy_accel import DenoisingProblem, sample
+from policy_accel.sampling import SOLVERS
+from tests.sampling.helpers import chunk_problem, make_scheduler, mixture, rms
+
+PARALLEL = [name for name in SOLVERS if name != "sequential"]
+# (scheduler kind, steps, extra scheduler config): a stochastic sampler with clipping, an ODE
+# sampler, DDIM with noise and a multistep ODE solver.
+CASES = [
+    ("ddpm", 100, {}),
+    ("ddim", 50, {"clip_sample": False}),
+    ("dpm", 20, {}),
+]
+# What each solver's docstring promises at its default tolerance (RMS error vs sequential, data
+# in [-1, 1]); measured values are several times smaller.
+DEFAULT_TOLERANCE_ERROR = {"paradigms": 1e-2, "picard": 1e-2, "taa": 1e-2, "srds": 1e-2, "newton": 1e-5}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[case[0] for case in CASES])
+def case(request):
+    kind, steps, config = request.param
+    problem = chunk_problem(kind, steps, **config)
+    return problem, sample(problem, "sequential")
+
+
+@pytest.mark.parametrize("method", PARALLEL)
+def test_zero_tolerance_reproduces_sequential(case, method):
+    problem, reference = case
+    result = sample(problem, method, tolerance=0.0)
+    assert result.converged
+    assert rms(result.sample, reference.sample) <= 1e-5
+    assert rms(result.trajectory, reference.trajectory) <= 1e-5
+
+
+@pytest.mark.parametrize("method", PARALLEL)
+def test_default_tolerance_error_within_promise_in_fewer_rounds(case, method):
+    problem, reference = case
+    # srds' latency advantage is its pipelined schedule (the sample is the same either way)
+    result = sample(problem, method, **({"pipelined": True} if method == "srds" else {}))
+    assert result.converged
+    assert rms(result.sample, reference.sample) <= DEFAULT_TOLERANCE_ERROR[method]
+    assert result.rounds < problem.num_steps
+    assert result.model_evals >= problem.num_steps * problem.batch_size
+
+
+def test_sequential_counts_one_round_per_step(case):
+    problem, reference = case
+    assert reference.rounds == problem.num_steps
+    assert reference.model_evals == problem.num_steps * problem.batch_size
+    assert torch.equal(reference.trajectory[0], problem.x_T)
+
+
+def test_ddim_with_noise_reproduces_sequential():
+    scheduler = make_scheduler("ddim", clip_sample=False)
+    generator = torch.Generator().manual_seed(3)
+    problem = DenoisingProblem.from_scheduler(scheduler, mixture(scheduler), 40, (2, 16, 2), generator=generator, eta=1.0)
+    assert problem.noise.abs().sum() > 0
+    reference = sample(problem, "sequential")
+    for method in PARALLEL:
+        assert rms(sample(problem, method, tolerance=0.0).sample, reference.sample) <= 1e-5, method
+
+
+@pytest.mark.parametrize("method", ["paradigms", "picard", "taa", "newton"])
+def test_small_window_slides_to_the_same_answer(method):
+    problem = chunk_problem("ddpm", 60)
+    reference = sample(problem, "sequential")
+    result = sample(problem, method, window=8, tolerance=0.0)
+    assert result.converged and rms(result.sample, reference.sample) <= 1e-5
+    assert result.model_evals <= 8 * problem.batch_size * result.rounds * (32 if method == "newton" else 1)
+
+
+def test_inpainting_mask_is_respected_by_every_solver():
+    scheduler = make_scheduler("ddpm")
+    mask = torch.zeros(16, 2, dtype=torch.bool)
+    mask[:2] = True  # the first two actions are known (DiffusionPolicy's inpainting policies)
+    cond = torch.full((16, 2), 0.25)
+    generator = torch.Generator().manual_seed(1)
+    problem = DenoisingProblem.from_scheduler(
+        scheduler, mixture(scheduler), 100, (2, 16, 2), generator=generator, mask=mask, cond_data=cond
+    )
+    reference = sample(problem, "sequential")
+    assert torch.equal(reference.sample[:, :2], cond[:2].expand(2, 2, 2))
+    for method in PARALLEL:
+        result = sample(problem, method, tolerance=0.0)
+        assert torch.equal(result.sample[:, :2], reference.sample[:, :2]), method
+        assert rms(result.sample, reference.sample) <= 1e-5, method
+
+
+def test_srds_pipelined_reports_a_shorter_critical_path():
+    problem = chunk_problem("ddim", 49, clip_sample=False)
+    plain = sample(problem, "srds")
+    pipelined = sample(problem, "srds", pipelined=True)
+    assert torch.equal(plain.sample, pipelined.sample)
+    assert pipelined.rounds < plain.rounds == plain.stats["rounds_executed"]
+
+
+def test_newton_is_refused_for_large_events():
+    scheduler = make_scheduler("ddim")
+    means = torch.zeros(2, 4, 16, 16)
+    from policy_accel.sampling.analytic import GaussianMixtureDenoiser
+
+    denoiser = GaussianMixtureDenoiser(means, 0.5, scheduler.alphas_cumprod)
+    problem = DenoisingProblem.from_scheduler(scheduler, denoiser, 10, (1, 4, 16, 16))
+    with pytest.raises(ValueError, match="max_event_size"):
+        sample(problem, "newton")
+
+
+@pytest.mark.parametrize("method", PARALLEL)
+def test_max_rounds_reports_non_convergence_with_an_exact_prefix(method):
+    problem = chunk_problem("ddpm", 100)
+    reference = sample(problem, "sequential")
+    # srds: 9 rounds of coarse sweep, then it checks between iterations of 10 fine rounds
+    limit = 20 if method == "srds" else 3
+    result = sample(problem, method, tolerance=0.0, max_rounds=limit)
+    assert not result.converged
+    assert result.rounds <= limit + (8 if method == "srds" else 0)
+    prefix = result.converged_steps
+    assert 0 < prefix < problem.num_steps
+    assert rms(result.trajectory[: prefix + 1], reference.trajectory[: prefix + 1]) <= 1e-5
+
+
+@pytest.mark.parametrize("method", PARALLEL)
+def test_finish_sequentially_makes_a_stopped_solver_exact(method):
+    problem = chunk_problem("ddpm", 100)
+    reference = sample(problem, "sequential")
+    result = sample(problem, method, tolerance=0.0, max_rounds=3, finish_sequentially=True)
+    assert not result.converged
+    assert result.converged_steps == problem.num_steps
+    assert rms(result.sample, reference.sample) <= 1e-5
+
+
+def test_float64_problem_stays_float64():
+    scheduler = make_scheduler("ddpm")
+    problem = DenoisingProblem.from_scheduler(
+        scheduler, mixture(scheduler), 20, (1, 16, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    for method in SOLVERS:
+        assert sample(problem, method).sample.dtype == torch.float64, method
