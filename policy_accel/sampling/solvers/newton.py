@@ -23,7 +23,7 @@ from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers.options import WindowOptions
-from policy_accel.sampling.solvers.scan import correction_scan
+from policy_accel.sampling.solvers.scan import correction_scan, diagonal_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
 
@@ -67,7 +67,7 @@ def newton(
             positions = torch.arange(begin, end, device=x.device)
             F = step_map(positions, x[begin:end])
             coefficient = linear[begin:end]
-            new = correction_scan(F, old, lambda p, delta: coefficient[p] * delta)
+            new = diagonal_scan(F, old, coefficient)
             return new, new - old, None
         F, J, K = step_map.linearize(begin, x[begin:end])
         event = x.shape[2:]

@@ -21,14 +21,24 @@ from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers.options import WindowOptions
-from policy_accel.sampling.solvers.scan import correction_scan
+from policy_accel.sampling.solvers.scan import diagonal_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
 
 
 @dataclass(frozen=True)
 class PicardOptions(WindowOptions):
-    """Window options (see :class:`WindowOptions`); default tolerance 0.1 as ParaDiGMS."""
+    """Window options (see :class:`WindowOptions`) with a default tolerance of 0.01.
+
+    Picard stops after far fewer rounds than ParaDiGMS, so each final position has seen fewer
+    corrections and the same tolerance buys less accuracy: at 0.1 one of 12 DDPM-100 mixture
+    samples near a mode boundary ended in the other mode (RMS error 0.26). At 0.01 the sample's
+    RMS error vs sequential measured at most 1.5e-3 over 12 seeds of DDPM-100, DDIM-50 and
+    DPM-Solver++-20 (data in [-1, 1]; median 1e-4 to 3e-4), in 14, 7 and 5 rounds on average
+    against ParaDiGMS' 22, 8 and 6 at its 0.1.
+    """
+
+    tolerance: float = 0.01
 
 
 def picard(
@@ -41,7 +51,7 @@ def picard(
         positions = torch.arange(begin, end, device=x.device)
         F = step_map(positions, x[begin:end])
         coefficient = linear[begin:end]
-        new = correction_scan(F, x[begin + 1 : end + 1], lambda p, delta: coefficient[p] * delta)
+        new = diagonal_scan(F, x[begin + 1 : end + 1], coefficient)
         return new, new - x[begin + 1 : end + 1], None
 
     return solve_by_windows(

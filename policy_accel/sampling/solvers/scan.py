@@ -30,3 +30,22 @@ def correction_scan(
         new[p] = value
         delta_before, delta = delta, value - old_next[p]
     return new
+
+
+def diagonal_scan(F: Tensor, old_next: Tensor, coefficient: Tensor) -> Tensor:
+    """:func:`correction_scan` for a scalar linear part per position (``coefficient [P]``),
+    vectorised: ``delta_{p+1} = a_p delta_p + r_p`` is ``C_p sum_{q<=p} r_q / C_q`` with
+    ``C = cumprod(a)``, evaluated in float64. Falls back to the loop if the products underflow."""
+    residual = (F - old_next).to(torch.float64)
+    a = coefficient.to(torch.float64)
+    # delta entering position p is sum_{q<p} (a_{q+1} ... a_{p-1}) r_q; new[p] = F[p] + a_p delta_p
+    shifted = torch.cat([torch.ones_like(a[:1]), a[1:]])
+    products = torch.cumprod(shifted, dim=0)
+    if not bool((products.abs() > 1e-250).all()):
+        return correction_scan(F, old_next, lambda p, delta: coefficient[p] * delta)
+    shape = (-1,) + (1,) * (F.dim() - 1)
+    weighted = torch.cumsum(residual / products.reshape(shape), dim=0) * products.reshape(shape)
+    delta = torch.cat([torch.zeros_like(weighted[:1]), weighted[:-1]])  # delta at position p
+    new = F + (a.reshape(shape) * delta).to(F.dtype)
+    new[0] = F[0]
+    return new

@@ -24,7 +24,7 @@ from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers.options import WindowOptions
-from policy_accel.sampling.solvers.scan import correction_scan
+from policy_accel.sampling.solvers.scan import diagonal_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
 
@@ -33,8 +33,16 @@ from policy_accel.sampling.step_map import StepMap
 class TAAOptions(WindowOptions):
     """Window options plus ParaTAA's ``order`` (steps of the residual map; ``None``: the whole
     window), ``memory`` (iterates kept for Anderson mixing) and ``regularization`` (Tikhonov
-    weight relative to the Gram matrix' mean diagonal)."""
+    weight relative to the Gram matrix' mean diagonal).
 
+    Default tolerance 0.01, as ``picard`` and for the same reason; the sample's RMS error vs
+    sequential then measured at most 1.5e-3 over 12 seeds of DDPM-100, DDIM-50 and
+    DPM-Solver++-20 on the mixture benchmark (data in [-1, 1]). On those low-dimensional
+    problems Anderson mixing saved no rounds over ``picard``; ParaTAA's gains were reported on
+    image latents.
+    """
+
+    tolerance: float = 0.01
     order: int | None = None
     memory: int = 3
     regularization: float = 1e-3
@@ -99,7 +107,7 @@ def taa(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opti
         F = step_map(positions, x[begin:end])
         # The exact-linear-part (picard) value: what a position settles to, and the change that
         # the tolerance judges, so taa stops exactly where picard would with the same iterate.
-        settled = correction_scan(F, old, lambda p, delta: coefficient[p] * delta)
+        settled = diagonal_scan(F, old, coefficient)
         order = end - begin if options.order is None else options.order
         residual = order_residual(F - old, coefficient, order)
         new = old + residual
