@@ -3,11 +3,12 @@
 For a Gaussian-mixture problem with a 16x2 event (a robot action chunk) and a 4x32x32 event (a
 Stable Diffusion latent), and for DDPM-100, DDIM-50 and DPM-Solver++-20, every solver runs cold and
 warm-started. The warm start is the realistic one for control: the solution of a nearby problem
-(every mixture mean moved by ``--shift``, as a new observation moves the action distribution) is the
-guess for this one. Reported per run: rounds (sequential batched denoiser calls, the latency unit),
-model evaluations, RMS error against the sequential sample with the same noise, and wall time as a
-ratio to the sequential sampler timed in the same run, aggregated over several noise seeds. The analytic denoiser costs almost nothing,
-so on it wall time measures solver overhead; rounds are what carries over to real networks.
+(every mixture mean moved by ``--shift``, as a new observation moves the action distribution) is
+the guess for this one. Reported per setting, over several noise seeds: rounds (sequential batched
+denoiser calls, the latency unit), model evaluations, RMS error against the sequential sample with
+the same noise, and wall time as a ratio to the sequential sampler timed in the same run. The
+analytic denoiser costs almost nothing, so on it wall time measures solver overhead; rounds are
+what carries over to real networks.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def make_scheduler(event: str, scheduler: str):
         base = {"num_train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2"}
         clip = {"clip_sample": True}
     else:  # Stable Diffusion: 1000 training steps, scaled-linear schedule, no clipping
-        base = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+        base = {
+            "num_train_timesteps": 1000,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        }
         clip = {"clip_sample": False}
     if scheduler == "ddpm":
         return DDPMScheduler(**base, **clip)
@@ -62,7 +68,10 @@ def make_denoiser(event: str, scheduler, shift: float = 0.0) -> GaussianMixtureD
         # 4096 dimensions make the posterior so sharp that any tolerance flips modes (measured:
         # RMS error 1.1 for every solver at its default tolerance), which real latents don't show.
         generator = torch.Generator().manual_seed(0)
-        base = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 32, 32, generator=generator), 5, 1, 2) * 2
+        base = (
+            torch.nn.functional.avg_pool2d(torch.randn(1, 4, 32, 32, generator=generator), 5, 1, 2)
+            * 2
+        )
         means = base + 0.1 * torch.randn(4, 4, 32, 32, generator=generator)
         std = 0.5
     return GaussianMixtureDenoiser(means + shift, std, scheduler.alphas_cumprod)
@@ -94,7 +103,9 @@ def run_setting(setting: Setting, repeats: int, shift: float, seeds: int) -> lis
     runs: dict[tuple[str, str], list[dict]] = {}
     for seed in range(seeds):
         generator = torch.Generator().manual_seed(seed)
-        problem = DenoisingProblem.from_scheduler(scheduler, denoiser, setting.steps, shape, generator=generator)
+        problem = DenoisingProblem.from_scheduler(
+            scheduler, denoiser, setting.steps, shape, generator=generator
+        )
         previous = DenoisingProblem(nearby, problem.rule, problem.x_T, problem.noise)
         reference, sequential_seconds = timed(problem, "sequential", repeats)
         for method in SOLVERS:
@@ -103,7 +114,9 @@ def run_setting(setting: Setting, repeats: int, shift: float, seeds: int) -> lis
                 # srds' latency is the critical path of its pipelined schedule (same sample)
                 options = {"pipelined": True} if method == "srds" else {}
                 try:
-                    guess = sample(previous, method, **options).trajectory if start == "warm" else None
+                    guess = (
+                        sample(previous, method, **options).trajectory if start == "warm" else None
+                    )
                     result, seconds = timed(problem, method, repeats, init=guess, **options)
                 except ValueError as refusal:  # e.g. newton on an event too large for Jacobians
                     record["refused"] = str(refusal).split(".")[0]
@@ -118,8 +131,14 @@ def run_setting(setting: Setting, repeats: int, shift: float, seeds: int) -> lis
                 runs.setdefault((method, start), []).append(record)
     rows = []
     for (method, start), records in runs.items():
-        row = {"event": setting.event, "scheduler": setting.scheduler, "steps": setting.steps,
-               "method": method, "start": start, "seeds": seeds}
+        row = {
+            "event": setting.event,
+            "scheduler": setting.scheduler,
+            "steps": setting.steps,
+            "method": method,
+            "start": start,
+            "seeds": seeds,
+        }
         if "refused" in records[0]:
             rows.append({**row, "refused": records[0]["refused"]})
             continue
@@ -151,12 +170,16 @@ def format_table(rows: list[dict]) -> str:
     )
     lines = [header, "-" * len(header)]
     for row in rows:
-        head = f"{row['event']:13} {row['scheduler']:5} {row['steps']:>4} {row['method']:10} {row['start']:5}"
+        head = (
+            f"{row['event']:13} {row['scheduler']:5} {row['steps']:>4} "
+            f"{row['method']:10} {row['start']:5}"
+        )
         if "refused" in row:
             lines.append(f"{head} refused: {row['refused']}")
             continue
         lines.append(
-            f"{head} {row['rounds_mean']:>6.1f} {row['rounds_max']:>4} {row['model_evals_mean']:>7.0f} "
+            f"{head} {row['rounds_mean']:>6.1f} {row['rounds_max']:>4} "
+            f"{row['model_evals_mean']:>7.0f} "
             f"{row['rms_error_vs_sequential_max']:>8.1e} {row['ms_per_sample']:>7.1f} "
             f"{row['speedup_vs_sequential']:>6.2f}"
         )
@@ -177,12 +200,23 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median kept)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per configuration (median kept)"
+    )
     parser.add_argument("--seeds", type=int, default=6, help="problems (noise seeds) per setting")
-    parser.add_argument("--shift", type=float, default=0.05, help="mean shift of the warm start's nearby problem")
+    parser.add_argument(
+        "--shift", type=float, default=0.05, help="mean shift of the warm start's nearby problem"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
-    parser.add_argument("--events", nargs="+", default=["chunk16x2", "latent4x32x32"], choices=["chunk16x2", "latent4x32x32"])
-    parser.add_argument("--schedulers", nargs="+", default=["ddpm", "ddim", "dpm"], choices=["ddpm", "ddim", "dpm"])
+    parser.add_argument(
+        "--events",
+        nargs="+",
+        default=["chunk16x2", "latent4x32x32"],
+        choices=["chunk16x2", "latent4x32x32"],
+    )
+    parser.add_argument(
+        "--schedulers", nargs="+", default=["ddpm", "ddim", "dpm"], choices=["ddpm", "ddim", "dpm"]
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -190,7 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for event in args.events:
         for scheduler in args.schedulers:
-            rows.extend(run_setting(Setting(event, scheduler, steps[scheduler]), args.repeats, args.shift, args.seeds))
+            rows.extend(
+                run_setting(
+                    Setting(event, scheduler, steps[scheduler]),
+                    args.repeats,
+                    args.shift,
+                    args.seeds,
+                )
+            )
     report = {
         "benchmark": "policy_accel.bench.solvers",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -8,7 +8,7 @@ same device, in the same layout.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

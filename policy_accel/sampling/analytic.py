@@ -28,21 +28,25 @@ class GaussianMixtureDenoiser:
         prediction_type: str = "epsilon",
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}. Got {prediction_type!r}.")
+            raise ValueError(
+                f"prediction_type must be one of {list(PREDICTION_TYPES)}. Got {prediction_type!r}."
+            )
         if std <= 0:
             raise ValueError(f"std must be > 0. Got {std}.")
         self.means = means
         self.std = float(std)
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         count = means.shape[0]
-        self.weights = torch.full((count,), 1.0 / count) if weights is None else weights / weights.sum()
+        self.weights = (
+            torch.full((count,), 1.0 / count) if weights is None else weights / weights.sum()
+        )
         self.prediction_type = prediction_type
 
     @property
     def event_shape(self) -> tuple[int, ...]:
         return tuple(self.means.shape[1:])
 
-    def shifted(self, offset: Tensor | float) -> "GaussianMixtureDenoiser":
+    def shifted(self, offset: Tensor | float) -> GaussianMixtureDenoiser:
         """The same mixture with every mean moved by ``offset`` (a nearby problem)."""
         return GaussianMixtureDenoiser(
             self.means + offset, self.std, self.alphas_cumprod, self.weights, self.prediction_type
@@ -56,7 +60,9 @@ class GaussianMixtureDenoiser:
         means = self.means.reshape(self.means.shape[0], -1).to(x)
         variance = alpha**2 * self.std**2 + sigma2  # [M]
         centred = flat.unsqueeze(1) - alpha[:, None, None] * means.unsqueeze(0)  # [M, K, E]
-        logits = torch.log(self.weights.to(x)).unsqueeze(0) - centred.pow(2).sum(-1) / (2 * variance[:, None])
+        logits = torch.log(self.weights.to(x)).unsqueeze(0) - centred.pow(2).sum(-1) / (
+            2 * variance[:, None]
+        )
         responsibility = torch.softmax(logits, dim=1)  # [M, K]
         component = means.unsqueeze(0) + (alpha * self.std**2 / variance)[:, None, None] * centred
         return (responsibility.unsqueeze(-1) * component).sum(1).reshape(x.shape)
@@ -74,7 +80,9 @@ class GaussianMixtureDenoiser:
         return alpha * eps - sigma * x0
 
 
-def action_chunk_means(modes: int = 4, horizon: int = 16, action_dim: int = 2, seed: int = 0) -> Tensor:
+def action_chunk_means(
+    modes: int = 4, horizon: int = 16, action_dim: int = 2, seed: int = 0
+) -> Tensor:
     """Smooth, distinct trajectories ``[modes, horizon, action_dim]`` in [-1, 1]: a stand-in for
     the modes of a multi-modal action distribution (e.g. pushing the T from either side)."""
     generator = torch.Generator().manual_seed(seed)

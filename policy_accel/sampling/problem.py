@@ -12,8 +12,8 @@ sample with that noise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -52,7 +52,8 @@ class DenoisingProblem:
         if tuple(self.noise.shape) != expected:
             raise ValueError(
                 f"noise has shape {tuple(self.noise.shape)}, expected {expected} "
-                f"([num_steps, batch, *event] for {n} steps and x_T of shape {tuple(self.x_T.shape)})."
+                f"([num_steps, batch, *event] for {n} steps and x_T of shape "
+                f"{tuple(self.x_T.shape)})."
             )
         if not self.x_T.is_floating_point():
             raise TypeError(f"x_T must be a floating-point tensor. Got dtype {self.x_T.dtype}.")
@@ -90,7 +91,7 @@ class DenoisingProblem:
         use_clipped_model_output: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-    ) -> "DenoisingProblem":
+    ) -> DenoisingProblem:
         """Build the problem of sampling ``shape = (B, *event)`` with a diffusers scheduler.
 
         Missing ``x_T`` and ``noise`` are drawn from ``generator`` in the order the sequential
@@ -101,7 +102,9 @@ class DenoisingProblem:
         rule = rule_from_scheduler(scheduler, num_inference_steps, eta, use_clipped_model_output)
         shape = tuple(int(s) for s in shape)
         if device is None:
-            device = x_T.device if x_T is not None else (noise.device if noise is not None else "cpu")
+            device = (
+                x_T.device if x_T is not None else (noise.device if noise is not None else "cpu")
+            )
         device = torch.device(device)
 
         def draw() -> Tensor:
@@ -111,7 +114,9 @@ class DenoisingProblem:
         if x_T is None:
             x_T = draw() * scheduler.init_noise_sigma
         elif tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape} (the `shape` argument).")
+            raise ValueError(
+                f"x_T has shape {tuple(x_T.shape)}, expected {shape} (the `shape` argument)."
+            )
         rule = rule.to(device)
         if noise is not None:
             _check_noise_shape(noise, (rule.num_steps, *shape))
@@ -129,12 +134,14 @@ class DenoisingProblem:
             cond_data=None if cond_data is None else cond_data.to(device=device, dtype=dtype),
         )
 
-    def with_noise(self, x_T: Tensor, noise: Tensor) -> "DenoisingProblem":
+    def with_noise(self, x_T: Tensor, noise: Tensor) -> DenoisingProblem:
         """The same problem with other starting noise and step noise (e.g. a warm start's)."""
         if tuple(x_T.shape) != tuple(self.x_T.shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(self.x_T.shape)}.")
         _check_noise_shape(noise, tuple(self.noise.shape))
-        return replace(self, x_T=x_T.to(self.x_T), noise=_zero_unused(noise.to(self.noise), self.rule))
+        return replace(
+            self, x_T=x_T.to(self.x_T), noise=_zero_unused(noise.to(self.noise), self.rule)
+        )
 
     # --- shapes -----------------------------------------------------------------------------
 

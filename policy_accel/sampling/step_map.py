@@ -60,7 +60,9 @@ class StepMap:
         the second-order correction off there until a real value exists."""
         before = (positions - 1).clamp_min(0)
         known = (positions > 0) & self.evaluated[before]
-        return torch.where(known.reshape(-1, *([1] * (current.dim() - 1))), self.converted[before], current)
+        return torch.where(
+            known.reshape(-1, *([1] * (current.dim() - 1))), self.converted[before], current
+        )
 
     def predict_x0(self, positions: Tensor, x: Tensor) -> Tensor:
         """One round that only asks for the clean-sample predictions at ``positions`` (srds'
@@ -96,7 +98,11 @@ class StepMap:
         size = math.prod(event)
         positions = torch.arange(begin, begin + positions_count, device=x.device)
         x_in = problem.prepare(x)
-        free = torch.ones_like(x[0]) if problem.mask is None else (~problem.mask).to(x.dtype).expand_as(x[0])
+        free = (
+            torch.ones_like(x[0])
+            if problem.mask is None
+            else (~problem.mask).to(x.dtype).expand_as(x[0])
+        )
         basis = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, 1, 1, *event)
         tangents = basis * free.unsqueeze(0).unsqueeze(0)  # [E, 1, B, *event]
         tangents = tangents.expand(size, positions_count, batch, *event)
@@ -106,7 +112,11 @@ class StepMap:
         self._count(positions, output, evaluations=size * positions_count * batch)
         F = self._step(positions, x_in, output)
 
-        previous = self._previous_converted(positions, rule.convert(positions, x_in, output)) if rule.history else None
+        previous = (
+            self._previous_converted(positions, rule.convert(positions, x_in, output))
+            if rule.history
+            else None
+        )
         ones = torch.ones_like(x_in)
 
         def step_of(xx: Tensor, mm: Tensor, prev: Tensor | None) -> Tensor:
@@ -122,7 +132,9 @@ class StepMap:
         _, slope_prev = torch.func.jvp(lambda pp: step_of(x_in, output, pp), (previous,), (ones,))
         _, conv_x = torch.func.jvp(lambda xx: rule.convert(positions, xx, output), (x_in,), (ones,))
         _, conv_m = torch.func.jvp(lambda mm: rule.convert(positions, x_in, mm), (output,), (ones,))
-        d_converted = conv_x.unsqueeze(0) * tangents + conv_m.unsqueeze(0) * d_output  # [E, P, B, *ev]
+        d_converted = (
+            conv_x.unsqueeze(0) * tangents + conv_m.unsqueeze(0) * d_output
+        )  # [E, P, B, *ev]
         shifted = torch.cat([torch.zeros_like(d_converted[:, :1]), d_converted[:, :-1]], dim=1)
         k_columns = slope_prev.unsqueeze(0) * shifted
         K = k_columns.reshape(size, positions_count, batch, size).permute(1, 2, 3, 0)

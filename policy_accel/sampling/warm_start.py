@@ -39,7 +39,8 @@ def _shift(tensor: Tensor, shift: int, dim: int) -> tuple[Tensor, Tensor]:
         return kept, tensor.clone()
     if shift == length:
         raise ValueError(
-            f"shift={shift} drops the whole horizon of length {length}; nothing is left to warm-start from."
+            f"shift={shift} drops the whole horizon of length {length}; nothing is left to "
+            "warm-start from."
         )
     edge = kept.narrow(dim, length - shift - 1, 1)
     sizes = [-1] * tensor.dim()
@@ -58,7 +59,9 @@ def shift_noise(
         shape = list(tensor.shape)
         shape[dim] = shift
         source = generator.device if generator is not None else tensor.device
-        fresh = torch.randn(shape, generator=generator, device=source, dtype=tensor.dtype).to(tensor.device)
+        fresh = torch.randn(shape, generator=generator, device=source, dtype=tensor.dtype).to(
+            tensor.device
+        )
         return torch.cat([kept, fresh], dim=dim)
 
     return shifted(x_T, 1 + axis), shifted(noise, 2 + axis)
@@ -83,14 +86,23 @@ def trajectory_from_predictions(problem: DenoisingProblem, x0_predictions: Tenso
         x_in = problem.prepare(x[i : i + 1])
         output = rule.model_output_from_x0(position, x_in, x0_predictions[i : i + 1].to(x))
         converted = rule.convert(position, x_in, output)
-        moved = rule.step(position, x_in, converted, (previous if previous is not None else converted) if rule.history else None)
+        moved = rule.step(
+            position,
+            x_in,
+            converted,
+            (previous if previous is not None else converted) if rule.history else None,
+        )
         x[i + 1] = (moved + problem.noise_term(position, moved))[0]
         previous = converted
     return x
 
 
 def warm_start_guess(
-    problem: DenoisingProblem, previous: SampleResult, shift: int, axis: int = 0, space: str = "prediction"
+    problem: DenoisingProblem,
+    previous: SampleResult,
+    shift: int,
+    axis: int = 0,
+    space: str = "prediction",
 ) -> Tensor:
     """A trajectory guess for ``problem`` (already holding the shifted noise, see
     :func:`shift_noise`) from the ``previous`` replan's result, ``shift`` executed steps later."""

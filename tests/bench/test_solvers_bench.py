@@ -10,7 +10,19 @@ from policy_accel.bench import solvers
 def test_benchmark_writes_rows_for_every_solver_and_start(tmp_path, capsys):
     output = tmp_path / "solvers.json"
     report = solvers.main(
-        ["--repeats", "1", "--seeds", "2", "--events", "chunk16x2", "latent4x32x32", "--schedulers", "dpm", "--output", str(output)]
+        [
+            "--repeats",
+            "1",
+            "--seeds",
+            "2",
+            "--events",
+            "chunk16x2",
+            "latent4x32x32",
+            "--schedulers",
+            "dpm",
+            "--output",
+            str(output),
+        ]
     )
     saved = json.loads(output.read_text())
     assert saved["machine"]["torch_threads"] == 1

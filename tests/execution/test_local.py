@@ -9,7 +9,9 @@ from policy_accel.execution import DenoiserOutputError, LocalExecutor
 
 
 def denoiser(x, t):
-    return torch.tanh(x * (1 + t.reshape(-1, 1, 1) / 10)) + x.sum(dim=(1, 2), keepdim=True) ** 2 / 10
+    return (
+        torch.tanh(x * (1 + t.reshape(-1, 1, 1) / 10)) + x.sum(dim=(1, 2), keepdim=True) ** 2 / 10
+    )
 
 
 def test_evaluate_flattens_position_major():
@@ -35,13 +37,19 @@ def test_jvp_matches_the_jacobian():
     for k in range(5):
         for p in range(3):
             for b in range(2):
-                jacobian = torch.autograd.functional.jacobian(lambda v: denoiser(v.unsqueeze(0), t[p : p + 1])[0], x[p, b])
+                jacobian = torch.autograd.functional.jacobian(
+                    lambda v, p=p: denoiser(v.unsqueeze(0), t[p : p + 1])[0], x[p, b]
+                )
                 expected = (jacobian.reshape(8, 8) @ tangents[k, p, b].reshape(8)).reshape(4, 2)
                 assert torch.allclose(d_out[k, p, b], expected)
 
 
 def test_wrong_output_shape_is_named():
     with pytest.raises(DenoiserOutputError, match=r"returned shape \(6, 4\), expected \(6, 4, 2\)"):
-        LocalExecutor().evaluate(lambda x, t: x[..., 0], torch.zeros(3, 2, 4, 2), torch.zeros(3, dtype=torch.long))
+        LocalExecutor().evaluate(
+            lambda x, t: x[..., 0], torch.zeros(3, 2, 4, 2), torch.zeros(3, dtype=torch.long)
+        )
     with pytest.raises(DenoiserOutputError, match="returned tuple"):
-        LocalExecutor().evaluate(lambda x, t: (x,), torch.zeros(3, 2, 4, 2), torch.zeros(3, dtype=torch.long))
+        LocalExecutor().evaluate(
+            lambda x, t: (x,), torch.zeros(3, 2, 4, 2), torch.zeros(3, dtype=torch.long)
+        )

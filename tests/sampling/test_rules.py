@@ -47,7 +47,9 @@ def check(scheduler_class, config, steps, step_kwargs=None):
         got = ours(scheduler_class(**config), denoiser, steps, dtype, 7, **step_kwargs)
         assert got.dtype == expected.dtype
         if dtype == torch.float64:
-            assert torch.allclose(got, expected, atol=1e-6, rtol=0), float((got - expected).abs().max())
+            assert torch.allclose(got, expected, atol=1e-6, rtol=0), float(
+                (got - expected).abs().max()
+            )
         else:  # same arithmetic in the same order: bit for bit
             assert torch.equal(got, expected), float((got - expected).abs().max())
 
@@ -58,7 +60,16 @@ PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 @pytest.mark.parametrize(
     "variance_type,clip,prediction,spacing,offset,steps",
-    list(itertools.product(("fixed_small", "fixed_small_log"), (True, False), PREDICTIONS, SPACINGS, (0, 1), (7, 30))),
+    list(
+        itertools.product(
+            ("fixed_small", "fixed_small_log"),
+            (True, False),
+            PREDICTIONS,
+            SPACINGS,
+            (0, 1),
+            (7, 30),
+        )
+    ),
 )
 def test_ddpm_matches_diffusers(variance_type, clip, prediction, spacing, offset, steps):
     config = dict(
@@ -76,7 +87,9 @@ def test_ddpm_matches_diffusers(variance_type, clip, prediction, spacing, offset
 @pytest.mark.parametrize(
     "eta,alpha_to_one,clip,prediction,spacing,offset,steps",
     list(
-        itertools.product((0.0, 0.7), (True, False), (True, False), PREDICTIONS, SPACINGS, (0, 1), (7, 30))
+        itertools.product(
+            (0.0, 0.7), (True, False), (True, False), PREDICTIONS, SPACINGS, (0, 1), (7, 30)
+        )
     ),
 )
 def test_ddim_matches_diffusers(eta, alpha_to_one, clip, prediction, spacing, offset, steps):
@@ -96,11 +109,19 @@ def test_ddim_matches_diffusers(eta, alpha_to_one, clip, prediction, spacing, of
     "karras,solver_type,prediction,spacing,offset,steps,final",
     list(
         itertools.product(
-            (False, True), ("midpoint", "heun"), PREDICTIONS, SPACINGS, (0, 1), (7, 20, 30), ("zero", "sigma_min")
+            (False, True),
+            ("midpoint", "heun"),
+            PREDICTIONS,
+            SPACINGS,
+            (0, 1),
+            (7, 20, 30),
+            ("zero", "sigma_min"),
         )
     ),
 )
-def test_dpm_solver_matches_diffusers(karras, solver_type, prediction, spacing, offset, steps, final):
+def test_dpm_solver_matches_diffusers(
+    karras, solver_type, prediction, spacing, offset, steps, final
+):
     config = dict(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -116,8 +137,12 @@ def test_dpm_solver_matches_diffusers(karras, solver_type, prediction, spacing, 
     except UnsupportedSchedulerError:
         # refused configurations are those where diffusers itself produces NaN
         scheduler = DPMSolverMultistepScheduler(**config)
-        denoiser = GaussianMixtureDenoiser(MEANS, 0.2, scheduler.alphas_cumprod, prediction_type=prediction)
-        assert not torch.isfinite(diffusers_loop(scheduler, denoiser, steps, torch.float64, 7)).all()
+        denoiser = GaussianMixtureDenoiser(
+            MEANS, 0.2, scheduler.alphas_cumprod, prediction_type=prediction
+        )
+        assert not torch.isfinite(
+            diffusers_loop(scheduler, denoiser, steps, torch.float64, 7)
+        ).all()
         return
     check(DPMSolverMultistepScheduler, config, steps)
 
@@ -125,7 +150,9 @@ def test_dpm_solver_matches_diffusers(karras, solver_type, prediction, spacing, 
 def test_dpm_solver_with_a_repeated_first_timestep_is_refused():
     # Karras sigmas on a cosine schedule start at sigma ~2e4: the first timesteps repeat and
     # diffusers' own step indexing then runs off the end of its sigmas.
-    scheduler = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    scheduler = DPMSolverMultistepScheduler(
+        beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True
+    )
     with pytest.raises(UnsupportedSchedulerError, match="repeats its first timestep"):
         rule_from_scheduler(scheduler, 7)
 

@@ -19,7 +19,13 @@ CASES = [
 ]
 # What each solver's docstring promises at its default tolerance (RMS error vs sequential, data
 # in [-1, 1]); measured values are several times smaller.
-DEFAULT_TOLERANCE_ERROR = {"paradigms": 5e-3, "picard": 5e-3, "taa": 5e-3, "srds": 5e-3, "newton": 1e-5}
+DEFAULT_TOLERANCE_ERROR = {
+    "paradigms": 5e-3,
+    "picard": 5e-3,
+    "taa": 5e-3,
+    "srds": 5e-3,
+    "newton": 1e-5,
+}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[case[0] for case in CASES])
@@ -59,7 +65,9 @@ def test_sequential_counts_one_round_per_step(case):
 def test_ddim_with_noise_reproduces_sequential():
     scheduler = make_scheduler("ddim", clip_sample=False)
     generator = torch.Generator().manual_seed(3)
-    problem = DenoisingProblem.from_scheduler(scheduler, mixture(scheduler), 40, (2, 16, 2), generator=generator, eta=1.0)
+    problem = DenoisingProblem.from_scheduler(
+        scheduler, mixture(scheduler), 40, (2, 16, 2), generator=generator, eta=1.0
+    )
     assert problem.noise.abs().sum() > 0
     reference = sample(problem, "sequential")
     for method in PARALLEL:
@@ -72,7 +80,9 @@ def test_small_window_slides_to_the_same_answer(method):
     reference = sample(problem, "sequential")
     result = sample(problem, method, window=8, tolerance=0.0)
     assert result.converged and rms(result.sample, reference.sample) <= 1e-5
-    assert result.model_evals <= 8 * problem.batch_size * result.rounds * (32 if method == "newton" else 1)
+    assert result.model_evals <= 8 * problem.batch_size * result.rounds * (
+        32 if method == "newton" else 1
+    )
 
 
 def test_inpainting_mask_is_respected_by_every_solver():
@@ -82,7 +92,13 @@ def test_inpainting_mask_is_respected_by_every_solver():
     cond = torch.full((16, 2), 0.25)
     generator = torch.Generator().manual_seed(1)
     problem = DenoisingProblem.from_scheduler(
-        scheduler, mixture(scheduler), 100, (2, 16, 2), generator=generator, mask=mask, cond_data=cond
+        scheduler,
+        mixture(scheduler),
+        100,
+        (2, 16, 2),
+        generator=generator,
+        mask=mask,
+        cond_data=cond,
     )
     reference = sample(problem, "sequential")
     assert torch.equal(reference.sample[:, :2], cond[:2].expand(2, 2, 2))
@@ -138,7 +154,12 @@ def test_finish_sequentially_makes_a_stopped_solver_exact(method):
 def test_float64_problem_stays_float64():
     scheduler = make_scheduler("ddpm")
     problem = DenoisingProblem.from_scheduler(
-        scheduler, mixture(scheduler), 20, (1, 16, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        scheduler,
+        mixture(scheduler),
+        20,
+        (1, 16, 2),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
     )
     for method in SOLVERS:
         assert sample(problem, method).sample.dtype == torch.float64, method

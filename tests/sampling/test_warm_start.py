@@ -42,7 +42,9 @@ def test_srds_exact_guess_converges_in_one_iteration(problem):
 @pytest.mark.parametrize("method", PARALLEL)
 def test_nearby_solution_converges_in_fewer_rounds_than_cold(problem, method):
     # A new observation shifts the action distribution a little: here every mixture mean moves.
-    nearby = DenoisingProblem(problem.denoiser.shifted(0.05), problem.rule, problem.x_T, problem.noise)
+    nearby = DenoisingProblem(
+        problem.denoiser.shifted(0.05), problem.rule, problem.x_T, problem.noise
+    )
     previous = sample(problem, method)
     cold = sample(nearby, method)
     warm = sample(nearby, method, init=previous.trajectory)
@@ -88,14 +90,20 @@ def test_prediction_space_guess_beats_a_shifted_trajectory(problem, method):
 
     means = action_chunk_means(4, 24)
     acp = problem.denoiser.alphas_cumprod
-    first = DenoisingProblem(GaussianMixtureDenoiser(means[:, :16], 0.1, acp), problem.rule, problem.x_T, problem.noise)
+    first = DenoisingProblem(
+        GaussianMixtureDenoiser(means[:, :16], 0.1, acp), problem.rule, problem.x_T, problem.noise
+    )
     previous = sample(first, method)
     x_T, noise = shift_noise(first.x_T, first.noise, 8, generator=torch.Generator().manual_seed(1))
-    following = DenoisingProblem(GaussianMixtureDenoiser(means[:, 8:24], 0.1, acp), problem.rule, x_T, noise)
+    following = DenoisingProblem(
+        GaussianMixtureDenoiser(means[:, 8:24], 0.1, acp), problem.rule, x_T, noise
+    )
     guess = warm_start_guess(following, previous, 8, space="prediction")
     assert torch.equal(guess[0], x_T)
     by_prediction = sample(following, method, init=guess)
-    by_trajectory = sample(following, method, init=warm_start_guess(following, previous, 8, space="trajectory"))
+    by_trajectory = sample(
+        following, method, init=warm_start_guess(following, previous, 8, space="trajectory")
+    )
     assert by_prediction.rounds < by_trajectory.rounds
     reference = sample(following, "sequential")
     assert rms(by_prediction.sample, reference.sample) <= (1e-5 if method == "newton" else 1e-2)

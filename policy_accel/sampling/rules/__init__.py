@@ -67,14 +67,18 @@ def rule_from_scheduler(
         )
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
         raise UnsupportedSchedulerError(
-            f"{name} prediction_type={scheduler.config.prediction_type!r} is not supported: it must "
+            f"{name} prediction_type={scheduler.config.prediction_type!r} is not supported: "
+            "it must "
             f"be one of {list(PREDICTION_TYPES)}."
         )
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive int. Got {num_inference_steps!r}.")
+        raise ValueError(
+            f"num_inference_steps must be a positive int. Got {num_inference_steps!r}."
+        )
     if name != "DDIMScheduler" and (eta != 0.0 or use_clipped_model_output):
         raise ValueError(
-            f"eta and use_clipped_model_output are DDIMScheduler step options; {name} takes neither."
+            "eta and use_clipped_model_output are DDIMScheduler step options; "
+            f"{name} takes neither."
         )
     options = {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
     key = _config_key(scheduler, num_inference_steps, options)

@@ -60,7 +60,7 @@ class StepRule(ABC):
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def to(self, device: torch.device | str) -> "StepRule":
+    def to(self, device: torch.device | str) -> StepRule:
         """The same rule with every tensor on ``device``."""
         moved = {
             f.name: getattr(self, f.name).to(device)
@@ -75,7 +75,9 @@ class StepRule(ABC):
         return model_output
 
     @abstractmethod
-    def step(self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None) -> Tensor:
+    def step(
+        self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None
+    ) -> Tensor:
         """Deterministic part of step ``idx`` at sample ``x`` (noise is added by the problem)."""
 
     @abstractmethod
@@ -115,6 +117,31 @@ class StepRule(ABC):
 
         _, slope = torch.func.jvp(step_of_x, (zeros,), (torch.ones_like(zeros),))
         return slope[:, 0]
+
+
+def common_fields(
+    timesteps: Tensor,
+    noise_scale: list[Tensor],
+    draws_noise: list[bool],
+    alphas_cumprod: list[Tensor],
+    config,
+) -> dict:
+    """The :class:`StepRule` fields of an alphas_cumprod-based scheduler (DDPM, DDIM):
+    ``alphas_cumprod`` has one entry per trajectory position (N + 1, the final sample last)."""
+    abar = torch.stack(alphas_cumprod).to(torch.float64)
+    return {
+        "timesteps": timesteps,
+        "noise_scale": torch.stack([torch.as_tensor(s) for s in noise_scale]).to(torch.float32),
+        "draws_noise": torch.tensor(draws_noise, dtype=torch.bool),
+        "alphas": abar.sqrt(),
+        "sigmas": (1 - abar).clamp_min(0).sqrt(),
+        "prediction_type": config.prediction_type,
+        "history": 0,
+    }
+
+
+def clip_range(config) -> float | None:
+    return float(config.clip_sample_range) if config.clip_sample else None
 
 
 def reference_scale(alphas: Tensor) -> Tensor:

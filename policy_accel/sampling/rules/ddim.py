@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policy_accel.sampling.rules.base import StepRule, UnsupportedSchedulerError, per_position
+from policy_accel.sampling.rules.base import (
+    StepRule,
+    UnsupportedSchedulerError,
+    clip_range,
+    common_fields,
+    per_position,
+)
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,14 @@ class DDIMRule(StepRule):
     def predict_x0(self, idx: Tensor, x: Tensor, model_output: Tensor) -> Tensor:
         return self._x0_and_eps(idx, x, model_output)[0]
 
-    def step(self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None) -> Tensor:
+    def step(
+        self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None
+    ) -> Tensor:
         x0, eps = self._x0_and_eps(idx, x, converted)
-        return per_position(self.sqrt_alpha_prod_prev, idx, x) * x0 + per_position(
-            self.direction_coefficient, idx, x
-        ) * eps
+        return (
+            per_position(self.sqrt_alpha_prod_prev, idx, x) * x0
+            + per_position(self.direction_coefficient, idx, x) * eps
+        )
 
 
 def ddim_rule(
@@ -91,20 +100,12 @@ def ddim_rule(
         abar.append(alpha_prod_t)
     abar.append(alpha_prod_t_prev)
 
-    abar64 = torch.stack(abar).to(torch.float64)
-    n = len(timesteps)
     return DDIMRule(
-        timesteps=timesteps,
-        noise_scale=torch.stack([torch.as_tensor(s) for s in scale]).to(torch.float32),
-        draws_noise=torch.full((n,), eta > 0),
-        alphas=abar64.sqrt(),
-        sigmas=(1 - abar64).clamp_min(0).sqrt(),
-        prediction_type=config.prediction_type,
-        history=0,
+        **common_fields(timesteps, scale, [eta > 0] * len(timesteps), abar, config),
         sqrt_alpha_prod=torch.stack(sqrt_alpha),
         sqrt_beta_prod=torch.stack(sqrt_beta),
         sqrt_alpha_prod_prev=torch.stack(sqrt_alpha_prev),
         direction_coefficient=torch.stack(direction),
-        clip_range=float(config.clip_sample_range) if config.clip_sample else None,
+        clip_range=clip_range(config),
         use_clipped_model_output=use_clipped_model_output,
     )

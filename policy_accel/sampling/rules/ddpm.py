@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policy_accel.sampling.rules.base import StepRule, UnsupportedSchedulerError, per_position
+from policy_accel.sampling.rules.base import (
+    StepRule,
+    UnsupportedSchedulerError,
+    clip_range,
+    common_fields,
+    per_position,
+)
 
 SUPPORTED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
@@ -36,11 +42,14 @@ class DDPMRule(StepRule):
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         return x0
 
-    def step(self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None) -> Tensor:
+    def step(
+        self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None
+    ) -> Tensor:
         x0 = self.predict_x0(idx, x, converted)
-        return per_position(self.x0_coefficient, idx, x) * x0 + per_position(
-            self.sample_coefficient, idx, x
-        ) * x
+        return (
+            per_position(self.x0_coefficient, idx, x) * x0
+            + per_position(self.sample_coefficient, idx, x) * x
+        )
 
 
 def ddpm_rule(scheduler, num_inference_steps: int) -> DDPMRule:
@@ -48,7 +57,8 @@ def ddpm_rule(scheduler, num_inference_steps: int) -> DDPMRule:
     config = scheduler.config
     if config.variance_type not in SUPPORTED_VARIANCE_TYPES:
         raise UnsupportedSchedulerError(
-            f"DDPMScheduler variance_type={config.variance_type!r} is not supported: it must be one of "
+            f"DDPMScheduler variance_type={config.variance_type!r} is not supported: "
+            "it must be one of "
             f"{list(SUPPORTED_VARIANCE_TYPES)}. Learned variances need the model's variance output "
             "inside the step; split it off in the denoiser and use a fixed variance type."
         )
@@ -79,25 +89,18 @@ def ddpm_rule(scheduler, num_inference_steps: int) -> DDPMRule:
         abar.append(alpha_prod_t)
         if t > 0:
             variance = local._get_variance(t)
-            scale.append(variance if config.variance_type == "fixed_small_log" else variance ** 0.5)
+            scale.append(variance if config.variance_type == "fixed_small_log" else variance**0.5)
             draws.append(True)
         else:
             scale.append(torch.tensor(0.0))
             draws.append(False)
     abar.append(alpha_prod_t_prev)  # the final sample's noise level
 
-    abar64 = torch.stack(abar).to(torch.float64)
     return DDPMRule(
-        timesteps=timesteps,
-        noise_scale=torch.stack(scale).to(torch.float32),
-        draws_noise=torch.tensor(draws),
-        alphas=abar64.sqrt(),
-        sigmas=(1 - abar64).clamp_min(0).sqrt(),
-        prediction_type=config.prediction_type,
-        history=0,
+        **common_fields(timesteps, scale, draws, abar, config),
         sqrt_alpha_prod=torch.stack(sqrt_alpha),
         sqrt_beta_prod=torch.stack(sqrt_beta),
         x0_coefficient=torch.stack(c_x0),
         sample_coefficient=torch.stack(c_x),
-        clip_range=float(config.clip_sample_range) if config.clip_sample else None,
+        clip_range=clip_range(config),
     )

@@ -43,7 +43,9 @@ class DPMSolverRule(StepRule):
     def predict_x0(self, idx: Tensor, x: Tensor, model_output: Tensor) -> Tensor:
         return self.convert(idx, x, model_output)
 
-    def step(self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None) -> Tensor:
+    def step(
+        self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None
+    ) -> Tensor:
         sample = x.to(torch.float32)  # as diffusers: the update runs on a float32 sample
         first_part = per_position(self.sample_coefficient, idx, sample) * sample
         d0_term = per_position(self.d0_coefficient, idx, converted) * converted
@@ -66,7 +68,10 @@ def dpm_solver_rule(scheduler, num_inference_steps: int) -> DPMSolverRule:
         "thresholding": (bool(config.thresholding), "must be False (it couples sample elements)"),
         "variance_type": (config.variance_type is not None, "must be None (no learned variance)"),
         "use_flow_sigmas": (bool(getattr(config, "use_flow_sigmas", False)), "must be False"),
-        "use_dynamic_shifting": (bool(getattr(config, "use_dynamic_shifting", False)), "must be False"),
+        "use_dynamic_shifting": (
+            bool(getattr(config, "use_dynamic_shifting", False)),
+            "must be False",
+        ),
     }
     for name, (bad, expected) in refusals.items():
         if bad:

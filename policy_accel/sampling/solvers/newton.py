@@ -82,13 +82,4 @@ def newton(
         new = correction_scan(F, old, apply(J), None if K is None else apply(K))
         return new, new - old, None
 
-    return solve_by_windows(
-        step_map,
-        iterate,
-        method="newton",
-        init=init,
-        window=options.window,
-        tolerance=options.tolerance,
-        max_rounds=options.max_rounds,
-        finish=options.finish_sequentially,
-    )
+    return solve_by_windows(step_map, iterate, method="newton", init=init, options=options)

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def check_stopping(tolerance: float, max_rounds: int | None) -> None:
+    """Validate the options every iterative solver takes."""
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0. Got {tolerance!r}.")
+    if max_rounds is not None and (not isinstance(max_rounds, int) or max_rounds < 1):
+        raise ValueError(f"max_rounds must be a positive int or None. Got {max_rounds!r}.")
+
+
 @dataclass(frozen=True)
 class WindowOptions:
     """Attributes:
@@ -24,7 +32,4 @@ class WindowOptions:
     def __post_init__(self) -> None:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be a positive int or None. Got {self.window!r}.")
-        if not self.tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0. Got {self.tolerance!r}.")
-        if self.max_rounds is not None and (not isinstance(self.max_rounds, int) or self.max_rounds < 1):
-            raise ValueError(f"max_rounds must be a positive int or None. Got {self.max_rounds!r}.")
+        check_stopping(self.tolerance, self.max_rounds)

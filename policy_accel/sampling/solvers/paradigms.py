@@ -48,13 +48,4 @@ def paradigms(
         new = x[begin].unsqueeze(0) + torch.cumsum(drift, dim=0)
         return new, new - x[begin + 1 : end + 1], None
 
-    return solve_by_windows(
-        step_map,
-        iterate,
-        method="paradigms",
-        init=init,
-        window=options.window,
-        tolerance=options.tolerance,
-        max_rounds=options.max_rounds,
-        finish=options.finish_sequentially,
-    )
+    return solve_by_windows(step_map, iterate, method="paradigms", init=init, options=options)

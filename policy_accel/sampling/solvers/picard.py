@@ -54,13 +54,4 @@ def picard(
         new = diagonal_scan(F, x[begin + 1 : end + 1], coefficient)
         return new, new - x[begin + 1 : end + 1], None
 
-    return solve_by_windows(
-        step_map,
-        iterate,
-        method="picard",
-        init=init,
-        window=options.window,
-        tolerance=options.tolerance,
-        max_rounds=options.max_rounds,
-        finish=options.finish_sequentially,
-    )
+    return solve_by_windows(step_map, iterate, method="picard", init=init, options=options)

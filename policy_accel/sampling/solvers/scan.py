@@ -8,7 +8,7 @@ predecessors did not move gets exactly ``F[p]``. The scan costs no model calls.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -19,7 +19,8 @@ Linear = Callable[[int, Tensor], Tensor]  # (window position p, delta [B, *event
 def correction_scan(
     F: Tensor, old_next: Tensor, current: Linear, previous: Linear | None = None
 ) -> Tensor:
-    """Solve the recurrence for ``x_new[begin+1 .. end]``; ``old_next`` is ``x_old[begin+1..end]``."""
+    """Solve the recurrence for ``x_new[begin+1 .. end]``; ``old_next`` is
+    ``x_old[begin+1 .. end]``."""
     new = torch.empty_like(F)
     delta = torch.zeros_like(F[0])  # x_new - x_old at position begin (final)
     delta_before = torch.zeros_like(F[0])

@@ -15,9 +15,9 @@ the fine end of each block against the next block's start.
 
 With ``pipelined=True`` the reported ``rounds`` is the critical path of SRDS' pipelined schedule,
 in which a block's next fine solve starts as soon as its new start value exists instead of
-waiting for the whole sweep (the arithmetic, and so the sample, is the same). A warm start (``init``)
-takes the block starts from the guess and skips the initial coarse sweep; from an exact guess it
-converges after one iteration (``block_size`` rounds).
+waiting for the whole sweep (the arithmetic, and so the sample, is the same). A warm start
+(``init``) takes the block starts from the guess and skips the initial coarse sweep; from an
+exact guess it converges after one iteration (``block_size`` rounds).
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ from torch import Tensor
 from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
-from policy_accel.sampling.solvers.windows import finish_sequentially, initial_trajectory, scaled_error
+from policy_accel.sampling.solvers.options import check_stopping
+from policy_accel.sampling.solvers.windows import (
+    finish_sequentially,
+    initial_trajectory,
+    scaled_error,
+)
 from policy_accel.sampling.step_map import StepMap
 
 
@@ -57,15 +62,16 @@ class SRDSOptions:
     finish_sequentially: bool = False
 
     def __post_init__(self) -> None:
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+        if self.block_size is not None and (
+            not isinstance(self.block_size, int) or self.block_size < 1
+        ):
             raise ValueError(f"block_size must be a positive int or None. Got {self.block_size!r}.")
-        if not self.tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0. Got {self.tolerance!r}.")
-        if self.max_rounds is not None and (not isinstance(self.max_rounds, int) or self.max_rounds < 1):
-            raise ValueError(f"max_rounds must be a positive int or None. Got {self.max_rounds!r}.")
+        check_stopping(self.tolerance, self.max_rounds)
 
 
-def srds(problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: SRDSOptions) -> SampleResult:
+def srds(
+    problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: SRDSOptions
+) -> SampleResult:
     start_time = time.perf_counter()
     n = problem.num_steps
     size = options.block_size or max(1, round(math.sqrt(n)))
@@ -85,7 +91,9 @@ def srds(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opt
         y = values
         for s in range(size):
             inside = [starts[b] + s < ends[b] for b in block_ids]
-            positions = torch.tensor([min(starts[b] + s, ends[b] - 1) for b in block_ids], device=device)
+            positions = torch.tensor(
+                [min(starts[b] + s, ends[b] - 1) for b in block_ids], device=device
+            )
             output = rule.model_output_from_x0(positions, y, x0)
             converted = rule.convert(positions, y, output)
             moved = rule.step(positions, y, converted, converted if rule.history else None)
@@ -157,7 +165,12 @@ def srds(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opt
         first_open += 1
 
     converged_steps = n if converged else exact_steps
-    stats = {"iterations": iterations, "blocks": blocks, "block_size": size, "rounds_executed": step_map.rounds}
+    stats = {
+        "iterations": iterations,
+        "blocks": blocks,
+        "block_size": size,
+        "rounds_executed": step_map.rounds,
+    }
     if not converged and options.finish_sequentially:
         if exact_steps == 0:
             x[0] = problem.x_T

@@ -93,7 +93,9 @@ def anderson_correction(
     return torch.einsum("pbi,ipbe->pbe", gamma, deltas_x + deltas_r)
 
 
-def taa(problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: TAAOptions) -> SampleResult:
+def taa(
+    problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: TAAOptions
+) -> SampleResult:
     step_map = StepMap(problem, executor)
     linear = problem.rule.linear_coefficient().to(problem.x_T)
     n = problem.num_steps
@@ -133,16 +135,9 @@ def taa(problem: DenoisingProblem, init: Tensor | None, executor: Executor, opti
                 plain_norm = flat(residual).norm(dim=-1)
                 mixed_norm = flat(mixed - old).norm(dim=-1)
                 accept = torch.isfinite(mixed_norm) & (mixed_norm <= 2 * plain_norm)
-                new = torch.where(accept.reshape(*accept.shape, *([1] * len(problem.event_shape))), mixed, new)
+                new = torch.where(
+                    accept.reshape(*accept.shape, *([1] * len(problem.event_shape))), mixed, new
+                )
         return new, settled - old, settled
 
-    return solve_by_windows(
-        step_map,
-        iterate,
-        method="taa",
-        init=init,
-        window=options.window,
-        tolerance=options.tolerance,
-        max_rounds=options.max_rounds,
-        finish=options.finish_sequentially,
-    )
+    return solve_by_windows(step_map, iterate, method="taa", init=init, options=options)

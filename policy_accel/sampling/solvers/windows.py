@@ -10,13 +10,14 @@ and the window slides past them (Shih et al. 2023, Algorithm 1). Hence at most N
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
+from policy_accel.sampling.solvers.options import WindowOptions
 from policy_accel.sampling.step_map import StepMap
 
 # iterate(x, begin, end) -> (new values for x[begin+1 .. end], change that the tolerance judges,
@@ -47,21 +48,14 @@ def finish_sequentially(step_map: StepMap, x: Tensor, begin: int) -> None:
 
 
 def solve_by_windows(
-    step_map: StepMap,
-    iterate: Iterate,
-    *,
-    method: str,
-    init: Tensor | None,
-    window: int | None,
-    tolerance: float,
-    max_rounds: int | None,
-    finish: bool,
+    step_map: StepMap, iterate: Iterate, *, method: str, init: Tensor | None, options: WindowOptions
 ) -> SampleResult:
     """Run ``iterate`` over a sliding window until every step is final or rounds run out."""
     problem = step_map.problem
     n = problem.num_steps
-    window = n if window is None else min(int(window), n)
-    max_rounds = n if max_rounds is None else int(max_rounds)
+    window = n if options.window is None else min(options.window, n)
+    max_rounds = n if options.max_rounds is None else options.max_rounds
+    tolerance = options.tolerance
     start = time.perf_counter()
     x = initial_trajectory(problem, init)
     scale = problem.tolerance_scale
@@ -84,7 +78,7 @@ def solve_by_windows(
     converged = begin >= n
     converged_steps = min(begin, n)
     stats = {}
-    if not converged and finish:
+    if not converged and options.finish_sequentially:
         finish_sequentially(step_map, x, begin)
         stats["finished_sequentially_from"] = begin
         converged_steps = n
