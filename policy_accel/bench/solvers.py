@@ -163,6 +163,64 @@ def run_setting(setting: Setting, repeats: int, shift: float, seeds: int) -> lis
     return rows
 
 
+SWEEP_TOLERANCES = {
+    "paradigms": (0.1, 0.03, 0.01, 0.003, 0.001),
+    "picard": (0.1, 0.03, 0.01, 0.003, 0.001),
+    "taa": (0.1, 0.03, 0.01, 0.003, 0.001),
+    "srds": (0.1, 0.01, 0.001),
+    "newton": (0.1, 0.01, 0.001),
+}
+
+
+def tolerance_sweep(shift: float, seeds: int) -> list[dict]:
+    """Rounds against accuracy on the DDPM-100 action chunk, so solvers are compared at equal
+    error: every solver at several tolerances, cold and warm, over ``seeds`` noise seeds."""
+    scheduler = make_scheduler("chunk16x2", "ddpm")
+    denoiser = make_denoiser("chunk16x2", scheduler)
+    nearby = make_denoiser("chunk16x2", scheduler, -shift)
+    problems = []
+    for seed in range(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        problem = DenoisingProblem.from_scheduler(
+            scheduler, denoiser, 100, (1, 16, 2), generator=generator
+        )
+        previous = DenoisingProblem(nearby, problem.rule, problem.x_T, problem.noise)
+        problems.append((problem, previous, sample(problem, "sequential").sample))
+    rows = []
+    for method, tolerances in SWEEP_TOLERANCES.items():
+        options = {"pipelined": True} if method == "srds" else {}
+        for tolerance in tolerances:
+            row = {"method": method, "tolerance": tolerance}
+            for start in ("cold", "warm"):
+                rounds, errors = [], []
+                for problem, previous, reference in problems:
+                    guess = None
+                    if start == "warm":
+                        guess = sample(previous, method, tolerance=tolerance, **options).trajectory
+                    result = sample(problem, method, init=guess, tolerance=tolerance, **options)
+                    rounds.append(result.rounds)
+                    errors.append(rms(result.sample, reference))
+                row[f"{start}_rounds_mean"] = statistics.mean(rounds)
+                row[f"{start}_rms_error_max"] = max(errors)
+            rows.append(row)
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    header = (
+        f"{'method':10} {'tol':>6} {'cold rounds':>11} {'max err':>8} "
+        f"{'warm rounds':>11} {'max err':>8}"
+    )
+    lines = ["DDPM-100 action chunk: rounds against accuracy", header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['method']:10} {row['tolerance']:>6} {row['cold_rounds_mean']:>11.1f} "
+            f"{row['cold_rms_error_max']:>8.1e} {row['warm_rounds_mean']:>11.1f} "
+            f"{row['warm_rms_error_max']:>8.1e}"
+        )
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'event':13} {'sched':5} {'N':>4} {'method':10} {'start':5} {'rounds':>6} {'max':>4} "
@@ -218,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--schedulers", nargs="+", default=["ddpm", "ddim", "dpm"], choices=["ddpm", "ddim", "dpm"]
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--no-sweep", dest="sweep", action="store_false", help="skip the tolerance sweep"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = {"ddpm": 100, "ddim": 50, "dpm": 20}
@@ -232,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
                     args.seeds,
                 )
             )
+    sweep = tolerance_sweep(args.shift, args.seeds) if args.sweep else []
     report = {
         "benchmark": "policy_accel.bench.solvers",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -244,10 +306,13 @@ def main(argv: list[str] | None = None) -> dict:
             "srds_rounds": "critical path of the pipelined schedule",
         },
         "rows": rows,
+        "tolerance_sweep": sweep,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(format_table(rows))
+    if sweep:
+        print("\n" + format_sweep(sweep))
     print(f"\ntorch threads: {torch.get_num_threads()}  |  wrote {args.output}")
     return report
 

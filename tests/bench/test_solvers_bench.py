@@ -39,3 +39,11 @@ def test_benchmark_writes_rows_for_every_solver_and_start(tmp_path, capsys):
     latent_newton = [r for r in rows if r["event"] == "latent4x32x32" and r["method"] == "newton"]
     assert all("max_event_size" in r["refused"] for r in latent_newton)
     assert "picard" in capsys.readouterr().out
+
+
+def test_tolerance_sweep_trades_rounds_for_accuracy():
+    rows = solvers.tolerance_sweep(shift=0.05, seeds=1)
+    picard = {row["tolerance"]: row for row in rows if row["method"] == "picard"}
+    assert picard[0.001]["cold_rms_error_max"] <= picard[0.1]["cold_rms_error_max"]
+    assert picard[0.001]["cold_rounds_mean"] >= picard[0.1]["cold_rounds_mean"]
+    assert {row["method"] for row in rows} == set(solvers.SWEEP_TOLERANCES)

@@ -21,8 +21,8 @@ CASES = [
 # in [-1, 1]); measured values are several times smaller.
 DEFAULT_TOLERANCE_ERROR = {
     "paradigms": 5e-3,
-    "picard": 5e-3,
-    "taa": 5e-3,
+    "picard": 2e-3,
+    "taa": 2e-3,
     "srds": 5e-3,
     "newton": 1e-5,
 }

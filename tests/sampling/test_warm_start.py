@@ -50,7 +50,7 @@ def test_nearby_solution_converges_in_fewer_rounds_than_cold(problem, method):
     warm = sample(nearby, method, init=previous.trajectory)
     reference = sample(nearby, "sequential")
     assert warm.converged and warm.rounds < cold.rounds
-    assert rms(warm.sample, reference.sample) <= (1e-5 if method == "newton" else 1e-2)
+    assert rms(warm.sample, reference.sample) <= (1e-5 if method == "newton" else 5e-3)
 
 
 def test_shift_noise_keeps_the_overlap_and_draws_a_fresh_tail(problem):
@@ -106,6 +106,6 @@ def test_prediction_space_guess_beats_a_shifted_trajectory(problem, method):
     )
     assert by_prediction.rounds < by_trajectory.rounds
     reference = sample(following, "sequential")
-    assert rms(by_prediction.sample, reference.sample) <= (1e-5 if method == "newton" else 1e-2)
+    assert rms(by_prediction.sample, reference.sample) <= (1e-5 if method == "newton" else 5e-3)
     with pytest.raises(ValueError, match="space"):
         warm_start_guess(following, previous, 8, space="latent")

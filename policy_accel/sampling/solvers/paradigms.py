@@ -32,9 +32,10 @@ from policy_accel.sampling.step_map import StepMap
 @dataclass(frozen=True)
 class ParadigmsOptions(WindowOptions):
     """ParaDiGMS' options: ``window`` (their ``parallel``) and ``tolerance`` (default 0.1, as
-    published). At the default the sample's RMS error vs sequential measured at most 1.6e-3 over
-    12 seeds of DDPM-100, DDIM-50 and DPM-Solver++-20 on the mixture benchmark (data in
-    [-1, 1])."""
+    published). Promise at the default, held by the tests on action chunks: the sample's RMS error
+    vs sequential is at most 5e-3 (measured at most 1.4e-3 over DDPM-100, DDIM-50 and
+    DPM-Solver++-20). On 4x32x32 latents with DDIM-50 / DPM-Solver++-20 it measured 0.1: the
+    published tolerance is loose for large ODE steps; pass a smaller one there."""
 
 
 def paradigms(
