@@ -211,3 +211,17 @@ def _zero_unused(noise: Tensor, rule: StepRule) -> Tensor:
     """Zero the noise of steps that draw none, so those entries are ignored whatever they hold."""
     keep = rule.draws_noise.to(noise.device).reshape(-1, *([1] * (noise.dim() - 1)))
     return torch.where(keep, noise, torch.zeros((), dtype=noise.dtype, device=noise.device))
+
+
+def noise_from_draws(rule: StepRule, draws: Tensor) -> Tensor:
+    """Place ``draws [K, B, *event]`` (the tensors a sequential loop drew, in order, one per
+    noise-drawing step) at those steps of an ``[N, B, *event]`` noise tensor."""
+    drawing = torch.nonzero(rule.draws_noise.cpu()).flatten()
+    if draws.shape[0] != drawing.numel():
+        raise ValueError(
+            f"got {draws.shape[0]} noise draws, but this schedule draws noise at "
+            f"{drawing.numel()} of its {rule.num_steps} steps."
+        )
+    noise = torch.zeros((rule.num_steps, *draws.shape[1:]), dtype=draws.dtype, device=draws.device)
+    noise[drawing.to(draws.device)] = draws
+    return noise

@@ -1,0 +1,1 @@
+"""Plain-torch networks with the original checkpoints' state-dict key names."""
