@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from policy_accel.execution.base import Denoiser, Executor, flatten_window, unflatten_output
 
@@ -28,7 +29,8 @@ class LocalExecutor(Executor):
         stacked_x = flat_x.repeat(directions, *([1] * (flat_x.dim() - 1)))
         stacked_t = flat_t.repeat(directions)
         stacked_tangent = tangents.reshape(directions * rows, *flat_x.shape[1:]).to(flat_x.dtype)
-        with torch.no_grad():
+        # Fused attention kernels have no forward-mode derivative; the math kernel does.
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
             output, d_output = torch.func.jvp(
                 lambda inputs: denoiser(inputs, stacked_t), (stacked_x,), (stacked_tangent,)
             )

@@ -1,0 +1,5 @@
+import sys
+
+from policy_accel.cli import main
+
+sys.exit(main())

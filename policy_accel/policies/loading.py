@@ -1,0 +1,120 @@
+"""One front door for checkpoints: :func:`load_policy` detects the format.
+
+* ``*.ckpt`` / ``*.ckpt.xz``: a DiffusionPolicy workspace checkpoint, read with the restricted
+  unpickler (:mod:`policy_accel.policies.pickle_safe`); ``ema_model`` when ``cfg.training.use_ema``.
+* a directory with ``policy_accel.json``: this package's safe format (JSON config +
+  ``model.safetensors``), written by :func:`convert` / ``policy-accel convert``; no unpickling.
+* a directory with ``config.json``: a LeRobot diffusion checkpoint (current processor-file
+  format or the legacy one with normalization buffers inside ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from policy_accel.policies.base import Policy
+from policy_accel.policies.diffusion_policy import (
+    BOOKKEEPING_KEYS,
+    CheckpointContentError,
+    DiffusionPolicyLowdim,
+)
+from policy_accel.policies.pickle_safe import CheckpointFormatError, read_checkpoint
+
+SAFE_CONFIG = "policy_accel.json"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_FORMAT_VERSION = 1
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu") -> Policy:
+    """Load a policy checkpoint of any supported format onto ``device``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.is_dir():
+        if (path / SAFE_CONFIG).is_file():
+            return _load_converted(path, device)
+        if (path / "config.json").is_file():
+            from policy_accel.policies.lerobot import load_lerobot
+
+            return load_lerobot(path, device=device)
+        raise CheckpointFormatError(
+            f"{path} is a directory without {SAFE_CONFIG} (policy_accel's safe format) or "
+            "config.json (a LeRobot checkpoint); point at the checkpoint directory itself."
+        )
+    if path.name.endswith((".ckpt", ".ckpt.xz")):
+        payload = read_checkpoint(path)
+        cfg, state = _policy_and_weights(payload, path)
+        return DiffusionPolicyLowdim(cfg, state, str(path), device=device)
+    raise CheckpointFormatError(
+        f"{path}: unknown checkpoint format. Expected a DiffusionPolicy .ckpt / .ckpt.xz file, a "
+        f"LeRobot checkpoint directory (config.json + model.safetensors) or a directory "
+        f"written by `policy-accel convert`."
+    )
+
+
+def _policy_and_weights(payload: dict, path: Path) -> tuple[dict, dict]:
+    cfg = payload["cfg"]
+    if "policy" not in cfg:
+        raise CheckpointContentError(f"{path}: cfg has no 'policy' section.")
+    use_ema = bool(cfg.get("training", {}).get("use_ema", False))
+    name = "ema_model" if use_ema else "model"
+    state_dicts = payload["state_dicts"]
+    if name not in state_dicts:
+        raise CheckpointContentError(
+            f"{path}: cfg.training.use_ema={use_ema} but state_dicts has no {name!r} "
+            f"(it has {sorted(state_dicts)})."
+        )
+    return cfg["policy"], state_dicts[name]
+
+
+def convert(source: str | Path, destination: str | Path) -> Path:
+    """Write a DiffusionPolicy ``.ckpt`` as ``destination/`` (``policy_accel.json`` +
+    ``model.safetensors``), which :func:`load_policy` reads without any unpickling. The policy is
+    rebuilt from the file first, so only checkpoints that load are converted."""
+    source, destination = Path(source), Path(destination)
+    if source.is_dir():
+        raise ValueError(
+            f"{source} is a directory: LeRobot and converted checkpoints are already safe "
+            "(safetensors + JSON); only DiffusionPolicy .ckpt files need converting."
+        )
+    payload = read_checkpoint(source)
+    cfg, state = _policy_and_weights(payload, source)
+    DiffusionPolicyLowdim(cfg, state, str(source))  # validates config and weights
+    destination.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state.items() if k not in BOOKKEEPING_KEYS}
+    save_file(tensors, str(destination / SAFE_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "format": "diffusion_policy",
+        "version": SAFE_FORMAT_VERSION,
+        "source": source.name,
+        "policy": cfg,
+    }
+    (destination / SAFE_CONFIG).write_text(json.dumps(config, indent=2))
+    return destination
+
+
+def _load_converted(path: Path, device) -> Policy:
+    config_path, weights_path = path / SAFE_CONFIG, path / SAFE_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointFormatError(f"{config_path} is not valid JSON ({error}).") from error
+    if config.get("format") != "diffusion_policy" or config.get("version") != SAFE_FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{config_path}: unsupported format {config.get('format')!r} version "
+            f"{config.get('version')!r}; expected 'diffusion_policy' version {SAFE_FORMAT_VERSION}."
+        )
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing (the weights of {path}).")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointFormatError(
+            f"{weights_path} is not a readable safetensors file ({error}); it may be truncated."
+        ) from error
+    return DiffusionPolicyLowdim(config["policy"], state, str(path), device=device)
