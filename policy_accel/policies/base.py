@@ -105,14 +105,18 @@ class Policy(ABC):
         value = obs[key]
         if isinstance(value, np.ndarray):
             if value.dtype == object or not np.issubdtype(value.dtype, np.number):
-                raise ObservationError(f"obs[{key!r}] has dtype {value.dtype}; expected a number type.")
+                raise ObservationError(
+                    f"obs[{key!r}] has dtype {value.dtype}; expected a number type."
+                )
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, Tensor):
             raise ObservationError(
                 f"obs[{key!r}] is a {type(value).__name__}; expected a numpy array or torch tensor."
             )
         if value.is_complex() or value.dtype == torch.bool:
-            raise ObservationError(f"obs[{key!r}] has dtype {value.dtype}; expected a real number type.")
+            raise ObservationError(
+                f"obs[{key!r}] has dtype {value.dtype}; expected a real number type."
+            )
         expected = f"(B, n_obs_steps={self.n_obs_steps}, {', '.join(str(s) for s in shape)})"
         if value.dim() != 2 + len(shape) or tuple(value.shape[2:]) != tuple(shape):
             raise ObservationError(

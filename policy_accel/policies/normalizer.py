@@ -39,7 +39,9 @@ class LinearNormalizer(nn.Module):
         return {
             key[len(start) : -len(end)]: int(value.shape[0])
             for key, value in state_dict.items()
-            if key.startswith(start) and key.endswith(end) and key.count(".") == start.count(".") + 1
+            if key.startswith(start)
+            and key.endswith(end)
+            and key.count(".") == start.count(".") + 1
         }
 
     def normalize(self, name: str, x: Tensor) -> Tensor:

@@ -39,7 +39,18 @@ ALLOWED_GLOBALS = {
     ("_codecs", "encode"),
     ("torch._utils", "_rebuild_tensor_v2"),
 }
-DILL_BUILTIN_TYPES = ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool")
+DILL_BUILTIN_TYPES = (
+    "dict",
+    "list",
+    "tuple",
+    "set",
+    "frozenset",
+    "str",
+    "bytes",
+    "int",
+    "float",
+    "bool",
+)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -52,7 +63,9 @@ class CheckpointFormatError(ValueError):
 
 def _dill_load_type(name: str) -> type:
     if name not in DILL_BUILTIN_TYPES:
-        raise UnsafeCheckpointError(f"dill._dill._load_type({name!r}) is not an allowed builtin type.")
+        raise UnsafeCheckpointError(
+            f"dill._dill._load_type({name!r}) is not an allowed builtin type."
+        )
     return getattr(builtins, name)
 
 

@@ -22,7 +22,10 @@ from policy_accel.policies.pickle_safe import (
     read_checkpoint,
 )
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared/fixtures/diffusion_policy/unet_lowdim_global"
+FIXTURE = (
+    Path(__file__).resolve().parents[2].parent
+    / "shared/fixtures/diffusion_policy/unet_lowdim_global"
+)
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="shared fixtures not found")
 
 
@@ -40,8 +43,14 @@ class Payload:
 def test_a_checkpoint_naming_os_system_is_refused_before_anything_runs(tmp_path, zipped):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"cfg": {}, "state_dicts": {}, "x": Payload(marker)}, path, _use_new_zipfile_serialization=zipped)
-    with pytest.raises(UnsafeCheckpointError, match=r"evil.ckpt refers to the global (posix|os)\.system"):
+    torch.save(
+        {"cfg": {}, "state_dicts": {}, "x": Payload(marker)},
+        path,
+        _use_new_zipfile_serialization=zipped,
+    )
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"evil.ckpt refers to the global (posix|os)\.system"
+    ):
         load_policy(path)
     assert not marker.exists()
     # the same file really is malicious: a plain unpickler runs the command
@@ -52,7 +61,9 @@ def test_a_checkpoint_naming_os_system_is_refused_before_anything_runs(tmp_path,
 def test_truncated_checkpoint_is_named(tmp_path):
     path = tmp_path / "cut.ckpt"
     path.write_bytes(FIXTURE.joinpath("model.ckpt").read_bytes()[:100_000])
-    with pytest.raises(CheckpointFormatError, match=r"cut.ckpt is not a readable torch checkpoint.*truncated"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"cut.ckpt is not a readable torch checkpoint.*truncated"
+    ):
         load_policy(path)
 
 
@@ -93,7 +104,10 @@ def test_compressed_checkpoint_loads(tmp_path):
 def test_converted_checkpoint_loads_without_unpickling_and_acts_identically(tmp_path, monkeypatch):
     destination = tmp_path / "converted"
     assert cli(["convert", str(FIXTURE / "model.ckpt"), str(destination)]) == 0
-    assert sorted(p.name for p in destination.iterdir()) == ["model.safetensors", "policy_accel.json"]
+    assert sorted(p.name for p in destination.iterdir()) == [
+        "model.safetensors",
+        "policy_accel.json",
+    ]
     import policy_accel.policies.pickle_safe as pickle_safe
 
     def forbidden(*args, **kwargs):
@@ -112,14 +126,20 @@ def test_converted_files_with_a_wrong_shape_or_truncation_are_named(tmp_path):
     tensors = load_file(str(weights))
     tensors["model.final_conv.1.bias"] = torch.zeros(3)
     save_file(tensors, str(weights))
-    with pytest.raises(CheckpointContentError, match=r"model.final_conv.1.bias: file \(3,\) vs model \(2,\)"):
+    with pytest.raises(
+        CheckpointContentError, match=r"model.final_conv.1.bias: file \(3,\) vs model \(2,\)"
+    ):
         load_policy(destination)
     del tensors["model.final_conv.1.bias"]
     save_file(tensors, str(weights))
-    with pytest.raises(CheckpointContentError, match=r"Missing keys: \['model.final_conv.1.bias'\]"):
+    with pytest.raises(
+        CheckpointContentError, match=r"Missing keys: \['model.final_conv.1.bias'\]"
+    ):
         load_policy(destination)
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointFormatError, match="model.safetensors is not a readable safetensors file"):
+    with pytest.raises(
+        CheckpointFormatError, match="model.safetensors is not a readable safetensors file"
+    ):
         load_policy(destination)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from policy_accel import load_policy, sample
+from policy_accel import load_policy
 from policy_accel.policies.diffusion_policy import DiffusionPolicyLowdim
 from policy_accel.sampling.problem import noise_from_draws
 
@@ -34,7 +34,12 @@ pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures n
 def fixture(request):
     directory = FIXTURES / request.param
     policy = load_policy(directory / "model.ckpt")
-    return request.param, policy, np.load(directory / "cases.npz"), np.load(directory / "cases_diffusers042.npz")
+    return (
+        request.param,
+        policy,
+        np.load(directory / "cases.npz"),
+        np.load(directory / "cases_diffusers042.npz"),
+    )
 
 
 def test_raw_denoiser_outputs_match_the_ema_model(fixture):
@@ -43,11 +48,17 @@ def test_raw_denoiser_outputs_match_the_ema_model(fixture):
     condition = "global_cond" if "denoise__global_cond" in cases.files else "cond"
     calls = cases["denoise__sample"].shape[0]
     recorded = cases[f"denoise__{condition}"]
-    per_call = recorded.shape[0] == calls and recorded.ndim == (3 if condition == "global_cond" else 4)
+    per_call = recorded.shape[0] == calls and recorded.ndim == (
+        3 if condition == "global_cond" else 4
+    )
     for i in range(calls):
         kwargs = {condition: torch.from_numpy(recorded[i] if per_call else recorded)}
         with torch.no_grad():
-            out = network(torch.from_numpy(cases["denoise__sample"][i]), torch.from_numpy(cases["denoise__timestep"][i]), **kwargs)
+            out = network(
+                torch.from_numpy(cases["denoise__sample"][i]),
+                torch.from_numpy(cases["denoise__timestep"][i]),
+                **kwargs,
+            )
         assert np.abs(out.numpy() - cases["denoise__out_ema"][i]).max() <= 1e-5
         # the non-EMA weights give other outputs: the loader picked ema_model
         assert np.abs(out.numpy() - cases["denoise__out_model"][i]).max() > 1e-3
@@ -62,16 +73,29 @@ def replay(policy, cases, run, batch=3, **solver):
     problem = policy.problem(obs, x_T=x_T, scheduler=scheduler, num_inference_steps=steps)
     draws = torch.from_numpy(cases[f"{run}__noise_steps"][:, :batch])
     noise = noise_from_draws(problem.rule, draws)
-    return policy.predict_action(obs, x_T=x_T, noise=noise, scheduler=scheduler, num_inference_steps=steps, **solver)
+    return policy.predict_action(
+        obs, x_T=x_T, noise=noise, scheduler=scheduler, num_inference_steps=steps, **solver
+    )
 
 
-@pytest.mark.parametrize("run,source", [("ddpm100", "cases"), ("ddim8", "cases"), ("ddpm16", "diffusers042"), ("ddpm100", "diffusers042")])
+@pytest.mark.parametrize(
+    "run,source",
+    [
+        ("ddpm100", "cases"),
+        ("ddim8", "cases"),
+        ("ddpm16", "diffusers042"),
+        ("ddpm100", "diffusers042"),
+    ],
+)
 def test_actions_match_the_original_code(fixture, run, source):
     name, policy, cases, cases042 = fixture
     reference = cases if source == "cases" else cases042
     out = replay(policy, reference, run)
     normalize = lambda a: policy.normalizer.normalize("action", torch.as_tensor(a)).numpy()  # noqa: E731
-    assert np.abs(normalize(out["action_pred"]) - normalize(reference[f"{run}__action_pred"])).max() <= 1e-4
+    assert (
+        np.abs(normalize(out["action_pred"]) - normalize(reference[f"{run}__action_pred"])).max()
+        <= 1e-4
+    )
     assert np.abs(normalize(out["action"]) - normalize(reference[f"{run}__action"])).max() <= 1e-4
     assert out["action"].shape == (3, policy.n_action_steps, policy.action_dim)
 
@@ -90,7 +114,9 @@ def test_parallel_solvers_match_sequential_on_the_real_networks(fixture, method)
     options = {"tolerance": 1e-4} if method == "newton" else {"tolerance": 0.0}
     out = replay(policy, cases, "ddpm100", batch, method=method, **options)
     normalize = lambda a: policy.normalizer.normalize("action", a)  # noqa: E731
-    error = (normalize(out["action_pred"]) - normalize(reference["action_pred"])).pow(2).mean().sqrt()
+    error = (
+        (normalize(out["action_pred"]) - normalize(reference["action_pred"])).pow(2).mean().sqrt()
+    )
     assert float(error) <= 1e-5
     if method == "newton":  # tolerance 1e-4 is near its default: it also takes few rounds
         assert out["result"].rounds < 20
@@ -104,7 +130,9 @@ def test_parallel_solvers_at_their_defaults_take_fewer_rounds(fixture, method):
     options = {"pipelined": True} if method == "srds" else {}
     out = replay(policy, cases, "ddpm100", batch, method=method, **options)
     normalize = lambda a: policy.normalizer.normalize("action", a)  # noqa: E731
-    error = (normalize(out["action_pred"]) - normalize(reference["action_pred"])).pow(2).mean().sqrt()
+    error = (
+        (normalize(out["action_pred"]) - normalize(reference["action_pred"])).pow(2).mean().sqrt()
+    )
     assert out["result"].converged and out["result"].rounds < 100
     assert float(error) <= 5e-3
 
@@ -114,7 +142,9 @@ def test_observation_errors_name_the_input(fixture):
     obs = cases["obs"]
     with pytest.raises(ValueError, match=r"missing 'obs'.*expects keys \['obs'\]"):
         policy.predict_action({"observation": obs})
-    with pytest.raises(ValueError, match=r"obs\['obs'\] has shape \(3, 2, 19\), expected \(B, n_obs_steps=2, 20\)"):
+    with pytest.raises(
+        ValueError, match=r"obs\['obs'\] has shape \(3, 2, 19\), expected \(B, n_obs_steps=2, 20\)"
+    ):
         policy.predict_action({"obs": obs[..., :19]})
     with pytest.raises(ValueError, match="holds 1 steps of history"):
         policy.predict_action({"obs": obs[:, :1]})
@@ -142,20 +172,35 @@ def test_inpainting_and_local_conditioning_build_and_sample():
     obs = {"obs": np.load(FIXTURES / "unet_lowdim_global" / "cases.npz")["obs"]}
     base = payload["cfg"]["policy"]
     # inpainting: the trajectory carries action and obs channels, the obs ones are known
-    cfg = {**base, "obs_as_global_cond": False, "model": {**base["model"], "global_cond_dim": None, "input_dim": 22}}
+    cfg = {
+        **base,
+        "obs_as_global_cond": False,
+        "model": {**base["model"], "global_cond_dim": None, "input_dim": 22},
+    }
     with pytest.raises(ValueError, match="does not match"):
         DiffusionPolicyLowdim(cfg, state, "test")
     policy = DiffusionPolicyLowdim(cfg, _reinit(cfg, state), "test")
     problem = policy.problem(obs, generator=torch.Generator().manual_seed(0), num_inference_steps=5)
     assert problem.x_T.shape == (3, 16, 22) and bool(problem.mask[:, :2, 2:].all())
-    out = policy.predict_action(obs, generator=torch.Generator().manual_seed(0), num_inference_steps=5)
+    out = policy.predict_action(
+        obs, generator=torch.Generator().manual_seed(0), num_inference_steps=5
+    )
     nobs = policy.normalizer.normalize("obs", torch.from_numpy(obs["obs"]))[:, :2]
-    assert torch.allclose(policy.normalizer.normalize("obs", out["obs_pred"][:, :2]), nobs, atol=1e-5)
+    assert torch.allclose(
+        policy.normalizer.normalize("obs", out["obs_pred"][:, :2]), nobs, atol=1e-5
+    )
     # local conditioning: the unused second local branch exists, as checkpoints need
-    cfg = {**base, "obs_as_global_cond": False, "obs_as_local_cond": True, "model": {**base["model"], "global_cond_dim": None, "local_cond_dim": 20}}
+    cfg = {
+        **base,
+        "obs_as_global_cond": False,
+        "obs_as_local_cond": True,
+        "model": {**base["model"], "global_cond_dim": None, "local_cond_dim": 20},
+    }
     policy = DiffusionPolicyLowdim(cfg, _reinit(cfg, state), "test")
     assert "model.local_cond_encoder.1.blocks.0.block.0.weight" in policy.modules.state_dict()
-    assert policy.predict_action(obs, num_inference_steps=3, generator=torch.Generator().manual_seed(0))["action"].shape == (3, 8, 2)
+    assert policy.predict_action(
+        obs, num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    )["action"].shape == (3, 8, 2)
 
 
 def _reinit(cfg, state):

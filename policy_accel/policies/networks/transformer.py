@@ -74,19 +74,25 @@ class TransformerForDiffusion(nn.Module):
         if not self.encoder_only:
             self.cond_pos_emb = nn.Parameter(torch.zeros(1, cond_tokens, n_emb))
             if n_cond_layers > 0:
-                self.encoder = nn.TransformerEncoder(layer(nn.TransformerEncoderLayer), n_cond_layers)
+                self.encoder = nn.TransformerEncoder(
+                    layer(nn.TransformerEncoderLayer), n_cond_layers, enable_nested_tensor=False
+                )
             else:
                 self.encoder = nn.Sequential(
                     nn.Linear(n_emb, 4 * n_emb), nn.Mish(), nn.Linear(4 * n_emb, n_emb)
                 )
             self.decoder = nn.TransformerDecoder(layer(nn.TransformerDecoderLayer), n_layer)
         else:
-            self.encoder = nn.TransformerEncoder(layer(nn.TransformerEncoderLayer), n_layer)
+            self.encoder = nn.TransformerEncoder(
+                layer(nn.TransformerEncoderLayer), n_layer, enable_nested_tensor=False
+            )
         if causal_attn:
             steps = torch.arange(tokens)
             self.register_buffer("mask", _additive_mask(steps[:, None] >= steps[None, :]))
             if time_as_cond and obs_as_cond:
-                t, s = torch.meshgrid(torch.arange(tokens), torch.arange(cond_tokens), indexing="ij")
+                t, s = torch.meshgrid(
+                    torch.arange(tokens), torch.arange(cond_tokens), indexing="ij"
+                )
                 self.register_buffer("memory_mask", _additive_mask(t >= (s - 1)))
             else:
                 self.memory_mask = None

@@ -91,7 +91,9 @@ class ConditionalResidualBlock1D(nn.Module):
         channels = out_channels * 2 if cond_predict_scale else out_channels
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, channels))
         self.residual_conv = (
-            nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            nn.Conv1d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
         )
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
@@ -128,7 +130,7 @@ class ConditionalUnet1D(nn.Module):
             SinusoidalPosEmb(dsed), nn.Linear(dsed, dsed * 4), nn.Mish(), nn.Linear(dsed * 4, dsed)
         )
         cond_dim = dsed + (global_cond_dim or 0)
-        in_out = list(zip(all_dims[:-1], all_dims[1:]))
+        in_out = list(zip(all_dims[:-1], all_dims[1:], strict=True))
 
         def block(dim_in: int, dim_out: int) -> ConditionalResidualBlock1D:
             return ConditionalResidualBlock1D(
@@ -179,7 +181,9 @@ class ConditionalUnet1D(nn.Module):
         local = []
         if local_cond is not None:
             if self.local_cond_encoder is None:
-                raise ValueError("this ConditionalUnet1D has no local_cond_dim; pass no local_cond.")
+                raise ValueError(
+                    "this ConditionalUnet1D has no local_cond_dim; pass no local_cond."
+                )
             local_in = local_cond.transpose(1, 2)
             local = [encoder(local_in, feature) for encoder in self.local_cond_encoder]
         skips = []
@@ -194,7 +198,9 @@ class ConditionalUnet1D(nn.Module):
             x = module(x, feature)
         for resnet, resnet2, upsample in self.up_modules:
             x = torch.cat((x, skips.pop()), dim=1)
-            x = resnet(x, feature)  # upstream's second local branch would be added here; it never is
+            x = resnet(
+                x, feature
+            )  # upstream's second local branch would be added here; it never is
             x = resnet2(x, feature)
             x = upsample(x)
         return self.final_conv(x).transpose(1, 2)
