@@ -215,3 +215,32 @@ def _reinit(cfg, state):
     fresh = modules.state_dict()
     fresh.update({k: v for k, v in state.items() if k.startswith("normalizer.")})
     return fresh
+
+
+def test_pred_action_steps_only_and_sample_prediction():
+    from policy_accel.policies.pickle_safe import read_checkpoint
+
+    payload = read_checkpoint(FIXTURES / "unet_lowdim_global" / "model.ckpt")
+    base = payload["cfg"]["policy"]
+    obs = {"obs": np.load(FIXTURES / "unet_lowdim_global" / "cases.npz")["obs"]}
+    scheduler = {**base["noise_scheduler"], "prediction_type": "sample"}
+    cfg = {**base, "pred_action_steps_only": True, "noise_scheduler": scheduler}
+    policy = DiffusionPolicyLowdim(cfg, payload["state_dicts"]["ema_model"], "test")
+    problem = policy.problem(obs, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert problem.x_T.shape == (3, 8, 2)  # only the executed steps are denoised
+    assert problem.rule.prediction_type == "sample"
+    out = policy.predict_action(obs, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["action"], out["action_pred"]) and out["action"].shape == (3, 8, 2)
+
+
+def test_unsupported_policy_classes_and_schedulers_are_named():
+    from policy_accel.policies.diffusion_policy import CheckpointContentError
+    from policy_accel.policies.pickle_safe import read_checkpoint
+
+    payload = read_checkpoint(FIXTURES / "unet_lowdim_global" / "model.ckpt")
+    base, state = payload["cfg"]["policy"], payload["state_dicts"]["ema_model"]
+    with pytest.raises(CheckpointContentError, match="policy class BetPolicy is not supported"):
+        DiffusionPolicyLowdim({**base, "_target_": "x.BetPolicy"}, state, "test")
+    scheduler = {**base["noise_scheduler"], "_target_": "os.system"}
+    with pytest.raises(CheckpointContentError, match="noise scheduler system is not supported"):
+        DiffusionPolicyLowdim({**base, "noise_scheduler": scheduler}, state, "test")
