@@ -91,9 +91,9 @@ class DiffusionPolicyLowdim(Policy):
     def __init__(self, policy_cfg: dict, state_dict: dict[str, Tensor], source: str, device="cpu"):
         self.kind = class_name(policy_cfg, "cfg.policy")
         if self.kind in IMAGE_POLICIES:
-            raise NotImplementedError(
-                f"{source}: {self.kind} (image observations) is not supported yet; "
-                "low-dimensional UNet and transformer policies are."
+            raise CheckpointContentError(
+                f"{source}: {self.kind} has image observations; build it with "
+                "DiffusionPolicyImage (load_policy picks the class from the config)."
             )
         if self.kind not in (UNET_POLICY, TRANSFORMER_POLICY):
             raise CheckpointContentError(

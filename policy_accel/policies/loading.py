@@ -20,9 +20,12 @@ from safetensors.torch import load_file, save_file
 from policy_accel.policies.base import Policy
 from policy_accel.policies.diffusion_policy import (
     BOOKKEEPING_KEYS,
+    IMAGE_POLICIES,
     CheckpointContentError,
     DiffusionPolicyLowdim,
+    class_name,
 )
+from policy_accel.policies.diffusion_policy_image import DiffusionPolicyImage
 from policy_accel.policies.pickle_safe import CheckpointFormatError, read_checkpoint
 
 SAFE_CONFIG = "policy_accel.json"
@@ -49,12 +52,19 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> Policy:
     if path.name.endswith((".ckpt", ".ckpt.xz")):
         payload = read_checkpoint(path)
         cfg, state = _policy_and_weights(payload, path)
-        return DiffusionPolicyLowdim(cfg, state, str(path), device=device)
+        return build_diffusion_policy(cfg, state, str(path), device)
     raise CheckpointFormatError(
         f"{path}: unknown checkpoint format. Expected a DiffusionPolicy .ckpt / .ckpt.xz file, a "
         f"LeRobot checkpoint directory (config.json + model.safetensors) or a directory "
         f"written by `policy-accel convert`."
     )
+
+
+def build_diffusion_policy(cfg: dict, state: dict, source: str, device="cpu") -> Policy:
+    """The DiffusionPolicy policy class that ``cfg["_target_"]`` names (image or low-dim)."""
+    if class_name(cfg, "cfg.policy") in IMAGE_POLICIES:
+        return DiffusionPolicyImage(cfg, state, source, device=device)
+    return DiffusionPolicyLowdim(cfg, state, source, device=device)
 
 
 def _policy_and_weights(payload: dict, path: Path) -> tuple[dict, dict]:
@@ -84,9 +94,13 @@ def convert(source: str | Path, destination: str | Path) -> Path:
         )
     payload = read_checkpoint(source)
     cfg, state = _policy_and_weights(payload, source)
-    DiffusionPolicyLowdim(cfg, state, str(source))  # validates config and weights
+    build_diffusion_policy(cfg, state, str(source))  # validates config and weights
     destination.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in state.items() if k not in BOOKKEEPING_KEYS}
+    # clone: safetensors refuses tensors that share memory (robomimic's encoders register the
+    # same trunk under two names), and each name must load on its own
+    tensors = {
+        k: v.detach().clone().contiguous() for k, v in state.items() if k not in BOOKKEEPING_KEYS
+    }
     save_file(tensors, str(destination / SAFE_WEIGHTS), metadata={"format": "pt"})
     config = {
         "format": "diffusion_policy",
@@ -117,4 +131,4 @@ def _load_converted(path: Path, device) -> Policy:
         raise CheckpointFormatError(
             f"{weights_path} is not a readable safetensors file ({error}); it may be truncated."
         ) from error
-    return DiffusionPolicyLowdim(config["policy"], state, str(path), device=device)
+    return build_diffusion_policy(config["policy"], state, str(path), device)

@@ -12,11 +12,13 @@ Here the unpickler allows exactly the globals that upstream checkpoints use and 
 * ``collections.defaultdict`` / ``OrderedDict``, ``_codecs.encode`` (bytes in protocol 2);
 * ``torch._utils._rebuild_tensor_v2`` (storages are resolved by torch itself);
 * ``dill._dill._load_type`` (dill pickles the builtin ``dict`` type this way), answered with the
-  builtin type of that name from a short list, without importing dill.
+  builtin type of that name from a short list, without importing dill; the same builtin container
+  types named directly (``builtins.dict``), as a checkpoint saved without dill has them.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import builtins
 import io
 import lzma
@@ -77,6 +79,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("dill._dill", "_load_type"):
             return _dill_load_type
+        # Protocol-2 pickles name Python-2 spellings (__builtin__.long): map them as pickle does.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if module == "builtins" and name in DILL_BUILTIN_TYPES:
+            return getattr(builtins, name)  # the same types, pickled without dill
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
