@@ -229,7 +229,9 @@ def test_pred_action_steps_only_and_sample_prediction():
     problem = policy.problem(obs, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
     assert problem.x_T.shape == (3, 8, 2)  # only the executed steps are denoised
     assert problem.rule.prediction_type == "sample"
-    out = policy.predict_action(obs, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    out = policy.predict_action(
+        obs, num_inference_steps=4, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out["action"], out["action_pred"]) and out["action"].shape == (3, 8, 2)
 
 

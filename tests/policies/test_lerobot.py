@@ -32,7 +32,9 @@ from policy_accel.sampling.problem import noise_from_draws
 
 # the shared fixtures sit beside the checkout (../shared); POLICY_ACCEL_FIXTURES overrides
 FIXTURES = Path(
-    os.environ.get("POLICY_ACCEL_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures")
+    os.environ.get(
+        "POLICY_ACCEL_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures"
+    )
 )
 CHECKPOINT = FIXTURES / "lerobot" / "diffusion_pusht_keypoints"
 if not (CHECKPOINT / "cases.npz").is_file():
