@@ -94,20 +94,10 @@ def run_case(case: dict) -> list[dict]:
 
 
 def _normalized_error(policy, action_pred, reference) -> float:
-    """Max error in the model's normalized action units, where the policy exposes them."""
-    normalize = getattr(policy, "normalize_action", None)
-    if normalize is None and hasattr(policy, "normalizer"):
-        return float(
-            (
-                policy.normalizer.normalize("action", action_pred)
-                - policy.normalizer.normalize("action", reference)
-            )
-            .abs()
-            .max()
-        )
-    if normalize is not None:
-        return float((normalize(action_pred) - normalize(reference)).abs().max())
-    return float("nan")
+    """Max error in the model's normalized action units."""
+    return float(
+        (policy.normalize_action(action_pred) - policy.normalize_action(reference)).abs().max()
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -65,6 +65,12 @@ class Policy(ABC):
         """``action`` (``[B, n_action_steps, Da]``) and ``action_pred`` (``[B, horizon, Da]``) in
         environment units from a clean sample; inpainting policies add ``obs_pred``."""
 
+    def normalize_action(self, action: Tensor) -> Tensor:
+        """Actions in environment units -> the model's normalized units (to compare samples)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not expose its action normalization."
+        )
+
     def predict_action(
         self,
         obs: dict,

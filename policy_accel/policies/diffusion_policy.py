@@ -193,6 +193,10 @@ class DiffusionPolicyLowdim(Policy):
             device=self.device,
         )
 
+    def normalize_action(self, action: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.normalizer.normalize("action", action)
+
     def decode(self, x0: Tensor) -> dict[str, Tensor]:
         Da, To = self.action_dim, self.n_obs_steps
         with torch.no_grad():

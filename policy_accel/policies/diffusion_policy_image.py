@@ -292,6 +292,10 @@ class DiffusionPolicyImage(Policy):
             device=self.device,
         )
 
+    def normalize_action(self, action: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.normalizer.normalize("action", action)
+
     def decode(self, x0: Tensor) -> dict[str, Tensor]:
         start = self.n_obs_steps - 1
         with torch.no_grad():
