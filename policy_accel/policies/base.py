@@ -98,6 +98,53 @@ class Policy(ABC):
 
     # --- shared helpers -----------------------------------------------------------------------
 
+    def _conditioned_problem(
+        self,
+        network: Any,
+        context: dict[str, Tensor],
+        shape: tuple[int, ...],
+        *,
+        inpaint: Tensor | None = None,
+        x_T: Tensor | None,
+        noise: Tensor | None,
+        generator: torch.Generator | None,
+        scheduler: Any,
+        num_inference_steps: int | None,
+    ) -> DenoisingProblem:
+        """The problem of sampling ``shape = (B, T, C)`` with ``network(x, t, **context)``.
+
+        ``context`` tensors have one row per sample; the denoiser tiles them over the window
+        positions of a flat batch (position major). ``inpaint`` ``[B, To, C - Da]`` are known
+        per-step observations (features) written into the trajectory's last channels for the
+        first steps, as DiffusionPolicy's inpainting policies do.
+        """
+        batch = shape[0]
+        mask = cond_data = None
+        if inpaint is not None:
+            steps, channels = inpaint.shape[1], inpaint.shape[2]
+            cond_data = torch.zeros(shape, device=self.device)
+            mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            cond_data[:, :steps, -channels:] = inpaint
+            mask[:, :steps, -channels:] = True
+
+        def denoiser(x: Tensor, t: Tensor) -> Tensor:
+            copies = x.shape[0] // batch
+            tiled = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in context.items()}
+            return network(x, t, **tiled)
+
+        return DenoisingProblem.from_scheduler(
+            scheduler if scheduler is not None else self.scheduler,
+            denoiser,
+            num_inference_steps or self.num_inference_steps,
+            shape,
+            generator=generator,
+            x_T=x_T,
+            noise=noise,
+            mask=mask,
+            cond_data=cond_data,
+            device=self.device,
+        )
+
     def _observation(self, obs: dict, key: str, shape: tuple[int, ...]) -> Tensor:
         """``obs[key]`` as a float tensor ``[B, T>=n_obs_steps, *shape]`` on the policy's device,
         validated; the caller's object is never modified."""

@@ -153,8 +153,8 @@ class DiffusionPolicyLowdim(Policy):
         with torch.no_grad():
             nobs = self.normalizer.normalize("obs", observation)[:, :To]
         batch = nobs.shape[0]
-        mask = cond_data = None
         context: dict[str, Tensor] = {}
+        inpaint = None
         if self.obs_as_local_cond:
             local = torch.zeros(batch, self.horizon, Do, device=self.device)
             local[:, :To] = nobs
@@ -169,28 +169,17 @@ class DiffusionPolicyLowdim(Policy):
             shape = (batch, steps, Da)
         else:  # inpainting: observations are written into the trajectory's obs channels
             shape = (batch, self.horizon, Da + Do)
-            cond_data = torch.zeros(shape, device=self.device)
-            mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
-            cond_data[:, :To, Da:] = nobs
-            mask[:, :To, Da:] = True
-        network = self.modules.model
-
-        def denoiser(x: Tensor, t: Tensor) -> Tensor:
-            copies = x.shape[0] // batch
-            tiled = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in context.items()}
-            return network(x, t, **tiled)
-
-        return DenoisingProblem.from_scheduler(
-            scheduler if scheduler is not None else self.scheduler,
-            denoiser,
-            num_inference_steps or self.num_inference_steps,
+            inpaint = nobs
+        return self._conditioned_problem(
+            self.modules.model,
+            context,
             shape,
-            generator=generator,
+            inpaint=inpaint,
             x_T=x_T,
             noise=noise,
-            mask=mask,
-            cond_data=cond_data,
-            device=self.device,
+            generator=generator,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
         )
 
     def normalize_action(self, action: Tensor) -> Tensor:

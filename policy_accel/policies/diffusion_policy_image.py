@@ -260,36 +260,25 @@ class DiffusionPolicyImage(Policy):
         num_inference_steps: int | None = None,
     ) -> DenoisingProblem:
         features = self.encode(obs)
-        batch, To, Da = features.shape[0], self.n_obs_steps, self.action_dim
-        mask = cond_data = None
+        batch, Da = features.shape[0], self.action_dim
         context: dict[str, Tensor] = {}
+        inpaint = None
         if self.obs_as_global_cond:
             context["global_cond"] = features.reshape(batch, -1)
             shape = (batch, self.horizon, Da)
         else:  # inpainting: features are written into the trajectory's extra channels
             shape = (batch, self.horizon, Da + self.obs_feature_dim)
-            cond_data = torch.zeros(shape, device=self.device)
-            mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
-            cond_data[:, :To, Da:] = features
-            mask[:, :To, Da:] = True
-        network = self.modules.model
-
-        def denoiser(x: Tensor, t: Tensor) -> Tensor:
-            copies = x.shape[0] // batch
-            tiled = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in context.items()}
-            return network(x, t, **tiled)
-
-        return DenoisingProblem.from_scheduler(
-            scheduler if scheduler is not None else self.scheduler,
-            denoiser,
-            num_inference_steps or self.num_inference_steps,
+            inpaint = features
+        return self._conditioned_problem(
+            self.modules.model,
+            context,
             shape,
-            generator=generator,
+            inpaint=inpaint,
             x_T=x_T,
             noise=noise,
-            mask=mask,
-            cond_data=cond_data,
-            device=self.device,
+            generator=generator,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
         )
 
     def normalize_action(self, action: Tensor) -> Tensor:
