@@ -8,11 +8,19 @@ stats (see :mod:`policy_accel.policies.lerobot_normalization`; the legacy layout
 
 LeRobot's UNet is DiffusionPolicy's ``ConditionalUnet1D`` with other key names, so the weights are
 renamed onto :class:`~policy_accel.policies.networks.unet1d.ConditionalUnet1D`. The scheduler is
-built the way LeRobot's ``_make_noise_scheduler`` builds it. State-only policies (state plus
-environment state) are supported; image inputs (the ResNet keypoint encoder) are not yet.
+built the way LeRobot's ``_make_noise_scheduler`` builds it.
 
-Per observation step the global condition is ``cat([state, environment_state])``; the steps are
-flattened step-major to ``[B, n_obs_steps * D]``. The sample is ``[B, horizon, action_dim]`` and
+Cameras (``VISUAL`` input features) go through LeRobot's ``DiffusionRgbEncoder``
+(:class:`~policy_accel.policies.networks.lerobot_rgb_encoder.DiffusionRgbEncoder`, whose keys are
+LeRobot's): one shared encoder under ``diffusion.rgb_encoder.*``, or with
+``use_separate_rgb_encoder_per_camera`` an ``nn.ModuleList`` under ``diffusion.rgb_encoder.<i>.*``,
+``i`` being the camera's index in ``input_features`` order. Images enter as float ``[0, 1]``
+``(B, T, 3, H, W)`` and are normalized by the processor stats (MEAN_STD by default).
+
+As in LeRobot's ``DiffusionModel._prepare_global_conditioning``, per observation step the global
+condition is ``cat([state, features of each camera in config order, environment_state])`` (the
+environment state is optional when there are cameras); the steps are flattened step-major to
+``[B, n_obs_steps * D]``. The sample is ``[B, horizon, action_dim]`` and
 ``action = action_pred[:, n_obs_steps - 1 : n_obs_steps - 1 + n_action_steps]``.
 """
 
@@ -22,12 +30,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from torch import Tensor
+from torch import Tensor, nn
 
 from policy_accel.policies.base import ObservationError, Policy
-from policy_accel.policies.lerobot_config import DiffusionSettings, read_config
+from policy_accel.policies.lerobot_config import STATE_KEY, DiffusionSettings, read_config
 from policy_accel.policies.lerobot_normalization import (
     PREPROCESSOR_FILE,
     FeatureNormalization,
@@ -37,12 +46,14 @@ from policy_accel.policies.lerobot_normalization import (
     read_safetensors,
     split_legacy_buffers,
 )
+from policy_accel.policies.networks.lerobot_rgb_encoder import DiffusionRgbEncoder
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
 from policy_accel.sampling import DenoisingProblem
 
 __all__ = ["LeRobotCheckpointError", "LeRobotDiffusionPolicy", "load_lerobot"]
 
 UNET_PREFIX = "diffusion.unet."
+RGB_ENCODER_PREFIX = "diffusion.rgb_encoder."
 SCHEDULERS = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}
 IDENTITY = FeatureNormalization(mode="IDENTITY", stats={}, eps=0.0)
 
@@ -81,13 +92,38 @@ def build_unet(settings: DiffusionSettings) -> ConditionalUnet1D:
     """LeRobot's ``DiffusionConditionalUnet1d`` as our ``ConditionalUnet1D``."""
     return ConditionalUnet1D(
         input_dim=settings.action_dim,
-        global_cond_dim=settings.n_obs_steps * sum(settings.condition_sizes.values()),
+        global_cond_dim=settings.n_obs_steps * settings.cond_dim_per_step,
         diffusion_step_embed_dim=settings.diffusion_step_embed_dim,
         down_dims=settings.down_dims,
         kernel_size=settings.kernel_size,
         n_groups=settings.n_groups,
         cond_predict_scale=settings.use_film_scale_modulation,
     )
+
+
+def build_rgb_encoder(settings: DiffusionSettings) -> nn.Module | None:
+    """LeRobot's ``rgb_encoder``: None without cameras, one shared ``DiffusionRgbEncoder``, or an
+    ``nn.ModuleList`` with one per camera (config order). The backbone is built without weights:
+    ``pretrained_backbone_weights`` only initialized LeRobot's training, and the trained weights
+    come from ``model.safetensors``, so nothing is downloaded."""
+    config = settings.rgb_encoder
+    if config is None:
+        return None
+    image_shape = next(iter(settings.image_shapes.values()))  # LeRobot: all cameras share it
+
+    def encoder() -> DiffusionRgbEncoder:
+        return DiffusionRgbEncoder(
+            image_shape,
+            crop_shape=config.crop_shape,
+            resize_shape=config.resize_shape,
+            vision_backbone=config.vision_backbone,
+            use_group_norm=config.use_group_norm,
+            num_keypoints=config.num_keypoints,
+        )
+
+    if config.separate_encoder_per_camera:
+        return nn.ModuleList(encoder() for _ in settings.image_shapes)
+    return encoder()
 
 
 def build_scheduler(settings: DiffusionSettings) -> DDPMScheduler | DDIMScheduler:
@@ -103,34 +139,95 @@ def build_scheduler(settings: DiffusionSettings) -> DDPMScheduler | DDIMSchedule
     )
 
 
+def load_network_weights(
+    modules: dict[str, nn.Module], state: dict[str, Tensor], path: Path
+) -> None:
+    """Load LeRobot's ``diffusion.*`` tensors into our modules; every key must match.
+
+    ``modules`` maps a LeRobot key prefix (``diffusion.unet.``, ``diffusion.rgb_encoder.`` or
+    ``diffusion.rgb_encoder.<i>.``) to the module that holds those tensors (see
+    :func:`network_modules`); a key under no prefix is unexpected. UNet keys are renamed with
+    :func:`to_our_key`; the rgb encoder's keys are LeRobot's already. Missing, unexpected and
+    mis-shaped keys are all named with the file (a module with none of its keys present is named
+    once, as ``<prefix>*``), and nothing is loaded unless every key matches.
+    """
+    unexpected = sorted(k for k in state if not k.startswith(tuple(modules)))
+    missing: list[str] = []
+    matched: dict[str, list[tuple[str, str]]] = {}
+    for prefix, module in modules.items():
+        is_unet = prefix == UNET_PREFIX
+        expected = module.state_dict()
+        renamed = {
+            (to_our_key(k[len(prefix) :]) if is_unet else k[len(prefix) :]): k
+            for k in state
+            if k.startswith(prefix)
+        }
+        unexpected += sorted(renamed[k] for k in renamed if k not in expected)
+        absent = sorted(
+            to_lerobot_key(k) if is_unet else prefix + k for k in expected if k not in renamed
+        )
+        if len(absent) == len(expected) > 1:
+            missing.append(f"{prefix}* (all {len(expected)} keys)")
+        else:
+            missing += absent
+        matched[prefix] = [(ours, theirs) for ours, theirs in renamed.items() if ours in expected]
+    if missing or unexpected:
+        hint = ""
+        if any(key.startswith(RGB_ENCODER_PREFIX) for key in [*missing, *unexpected]):
+            hint = (
+                " For the rgb encoder, check `use_separate_rgb_encoder_per_camera`, "
+                "`use_group_norm`, `vision_backbone`, `spatial_softmax_num_keypoints` and the "
+                "VISUAL input features."
+            )
+        raise LeRobotCheckpointError(
+            f"{path} does not match the networks that config.json describes: missing keys "
+            f"{_key_list(missing)}, unexpected keys {_key_list(sorted(unexpected))}. Check that "
+            f"config.json belongs to this model.safetensors.{hint}"
+        )
+    for prefix, pairs in matched.items():
+        module = modules[prefix]
+        expected = module.state_dict()
+        weights = {}
+        for ours, theirs in pairs:
+            tensor, target = state[theirs], expected[ours]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise LeRobotCheckpointError(
+                    f"{path}: {theirs!r} has shape {tuple(tensor.shape)}, but config.json implies "
+                    f"{tuple(target.shape)}. Check that config.json belongs to this "
+                    "model.safetensors."
+                )
+            if tensor.is_floating_point() != target.is_floating_point():
+                kind = "floats" if target.is_floating_point() else "integers"
+                raise LeRobotCheckpointError(
+                    f"{path}: {theirs!r} has dtype {tensor.dtype}; it must hold {kind} "
+                    f"({target.dtype})."
+                )
+            weights[ours] = tensor.to(target.dtype)
+        module.load_state_dict(weights, strict=True)
+
+
+def _key_list(keys: list[str], limit: int = 40) -> str:
+    """``keys`` for an error message, the first ``limit`` of a longer list and the count."""
+    if len(keys) <= limit:
+        return str(keys)
+    return f"{keys[:limit]} ... ({len(keys)} in all)"
+
+
+def network_modules(unet: ConditionalUnet1D, rgb_encoder: nn.Module | None) -> dict:
+    """LeRobot's ``DiffusionModel`` key prefixes and our modules: ``diffusion.unet.``, then
+    ``diffusion.rgb_encoder.`` for a shared encoder or ``diffusion.rgb_encoder.<i>.`` for camera
+    ``i`` of separate ones (LeRobot's ``nn.ModuleList`` indices)."""
+    modules: dict[str, nn.Module] = {UNET_PREFIX: unet}
+    if isinstance(rgb_encoder, nn.ModuleList):
+        modules.update({f"{RGB_ENCODER_PREFIX}{i}.": m for i, m in enumerate(rgb_encoder)})
+    elif rgb_encoder is not None:
+        modules[RGB_ENCODER_PREFIX] = rgb_encoder
+    return modules
+
+
 def load_unet_weights(unet: ConditionalUnet1D, state: dict[str, Tensor], path: Path) -> None:
     """Load LeRobot's ``diffusion.unet.*`` tensors into ``unet``; every key must match."""
-    expected = unet.state_dict()
-    renamed = {to_our_key(k[len(UNET_PREFIX) :]): k for k in state if k.startswith(UNET_PREFIX)}
-    unexpected = sorted(k for k in state if not k.startswith(UNET_PREFIX))
-    unexpected += sorted(renamed[k] for k in renamed if k not in expected)
-    missing = sorted(to_lerobot_key(k) for k in expected if k not in renamed)
-    if missing or unexpected:
-        raise LeRobotCheckpointError(
-            f"{path} does not match the UNet that config.json describes: missing keys "
-            f"{missing}, unexpected keys {unexpected}. Check that config.json belongs to this "
-            "model.safetensors."
-        )
-    weights = {}
-    for ours, theirs in renamed.items():
-        tensor = state[theirs]
-        if tuple(tensor.shape) != tuple(expected[ours].shape):
-            raise LeRobotCheckpointError(
-                f"{path}: {theirs!r} has shape {tuple(tensor.shape)}, but config.json implies "
-                f"{tuple(expected[ours].shape)}. Check that config.json belongs to this "
-                "model.safetensors."
-            )
-        if not tensor.is_floating_point():
-            raise LeRobotCheckpointError(
-                f"{path}: {theirs!r} has dtype {tensor.dtype}; network weights must be floats."
-            )
-        weights[ours] = tensor.to(torch.float32)
-    unet.load_state_dict(weights, strict=True)
+    load_network_weights({UNET_PREFIX: unet}, state, path)
 
 
 # --- the policy ----------------------------------------------------------------------------------
@@ -140,8 +237,12 @@ class LeRobotDiffusionPolicy(Policy):
     """LeRobot's DiffusionPolicy: raw observations in, actions in environment units out.
 
     ``obs`` maps LeRobot keys (``observation.state``, ``observation.environment_state``) to
-    ``[B, T >= n_obs_steps, D]`` histories in raw units; the last ``n_obs_steps`` are used.
-    Keys are first renamed by the preprocessor's ``rename_map``, as LeRobot does.
+    ``[B, T >= n_obs_steps, D]`` histories in raw units, and each camera key (``image_shapes``)
+    to ``[B, T, 3, H, W]`` float images in ``[0, 1]``; the last ``n_obs_steps`` are used. Keys
+    are first renamed by the preprocessor's ``rename_map``, as LeRobot does.
+
+    ``rgb_encoder`` is LeRobot's: one ``DiffusionRgbEncoder`` shared by all cameras, or an
+    ``nn.ModuleList`` with one per camera in ``image_shapes`` order (None without cameras).
     """
 
     def __init__(
@@ -157,10 +258,25 @@ class LeRobotDiffusionPolicy(Policy):
         input_normalization: dict[str, FeatureNormalization],
         action_normalization: FeatureNormalization,
         rename_map: dict[str, str] | None = None,
+        image_shapes: dict[str, tuple[int, int, int]] | None = None,
+        rgb_encoder: nn.Module | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.image_shapes = {key: tuple(shape) for key, shape in (image_shapes or {}).items()}
+        if bool(self.image_shapes) != (rgb_encoder is not None):
+            raise ValueError("pass rgb_encoder exactly when the policy has image inputs.")
+        if isinstance(rgb_encoder, nn.ModuleList) and len(rgb_encoder) != len(self.image_shapes):
+            raise ValueError(
+                f"{len(rgb_encoder)} rgb encoders for {len(self.image_shapes)} cameras; with "
+                "separate encoders there must be one per camera."
+            )
+        self.rgb_encoder = (
+            None
+            if rgb_encoder is None
+            else rgb_encoder.to(self.device).eval().requires_grad_(False)
+        )
         self.scheduler = scheduler
         self.num_inference_steps = int(num_inference_steps)
         self.n_obs_steps = int(n_obs_steps)
@@ -176,14 +292,19 @@ class LeRobotDiffusionPolicy(Policy):
 
     @property
     def observation_spec(self) -> dict[str, tuple[int, ...]]:
-        return {key: (size,) for key, size in self.condition_sizes.items()}
+        spec: dict[str, tuple[int, ...]] = {k: (size,) for k, size in self.condition_sizes.items()}
+        spec.update(self.image_shapes)
+        return spec
 
     def normalize_observation(self, obs: dict) -> dict[str, Tensor]:
-        """Validated, normalized ``[B, n_obs_steps, D]`` history of every conditioning key."""
+        """Validated, normalized ``[B, n_obs_steps, ...]`` history of every conditioning key
+        (images ``[B, n_obs_steps, 3, H, W]``)."""
         if isinstance(obs, dict) and self.rename_map:
             obs = {self.rename_map.get(key, key): value for key, value in obs.items()}
         normalized = {}
         for key, shape in self.observation_spec.items():
+            if key in self.image_shapes:
+                self._check_image(obs, key, shape)
             value = self._observation(obs, key, shape)[:, -self.n_obs_steps :]
             normalized[key] = self.input_normalization.get(key, IDENTITY).normalize(value)
         sizes = {key: int(value.shape[0]) for key, value in normalized.items()}
@@ -193,9 +314,59 @@ class LeRobotDiffusionPolicy(Policy):
             )
         return normalized
 
+    def _check_image(self, obs: dict, key: str, shape: tuple[int, ...]) -> None:
+        """Refuse what :meth:`_observation` would silently convert: integer (uint8) images, and
+        name channels-last images as such."""
+        value = obs.get(key) if isinstance(obs, dict) else None
+        dtype = getattr(value, "dtype", None)
+        if isinstance(value, Tensor):
+            is_float = value.is_floating_point()
+        elif isinstance(value, np.ndarray):
+            is_float = np.issubdtype(value.dtype, np.floating)
+        else:
+            return  # missing or of the wrong type: _observation names it
+        if not is_float:
+            raise ObservationError(
+                f"obs[{key!r}] is an image of dtype {dtype}; LeRobot policies take float images "
+                f"in [0, 1] of shape (B, n_obs_steps={self.n_obs_steps}, "
+                f"{', '.join(map(str, shape))}): scale uint8 images to [0, 1] (divide by 255) "
+                "and convert them to float first."
+            )
+        channels, height, width = shape
+        channels_last = (height, width, channels)
+        if channels_last != tuple(shape) and tuple(value.shape[2:]) == channels_last:
+            raise ObservationError(
+                f"obs[{key!r}] has shape {tuple(value.shape)}, which is channels-last; expected "
+                f"(B, n_obs_steps={self.n_obs_steps}, {channels}, {height}, {width}) (move the "
+                "channel axis before H and W)."
+            )
+
+    def encode_images(self, normalized: dict[str, Tensor]) -> Tensor:
+        """``[B, n_obs_steps, n_cameras * F]``: each camera's features, cameras in config order
+        (LeRobot's ``b s (n ...)`` layout, shared or separate encoders alike)."""
+        if self.rgb_encoder is None:
+            raise ValueError("this policy has no image inputs.")
+        images = [normalized[key] for key in self.image_shapes]
+        batch, steps = images[0].shape[:2]
+        if isinstance(self.rgb_encoder, nn.ModuleList):
+            features = [
+                encoder(camera.flatten(0, 1)).unflatten(0, (batch, steps))
+                for encoder, camera in zip(self.rgb_encoder, images, strict=True)
+            ]
+            return torch.cat(features, dim=-1)
+        stacked = torch.stack(images, dim=2)  # (B, T, N, C, H, W), as LeRobot stacks them
+        features = self.rgb_encoder(stacked.flatten(0, 2))  # "(b s n) ..."
+        return features.unflatten(0, (batch, steps, len(images))).flatten(2)
+
     def global_cond(self, obs: dict) -> Tensor:
-        """``[B, n_obs_steps * D]``: per step ``cat([state, env_state])``, step-major."""
-        return torch.cat(list(self.normalize_observation(obs).values()), dim=-1).flatten(1)
+        """``[B, n_obs_steps * D]``: per step ``cat([state, camera features, env_state])``,
+        step-major."""
+        normalized = self.normalize_observation(obs)
+        parts = [normalized[STATE_KEY]]
+        if self.image_shapes:
+            parts.append(self.encode_images(normalized))
+        parts += [normalized[key] for key in self.condition_sizes if key != STATE_KEY]
+        return torch.cat(parts, dim=-1).flatten(1)
 
     def problem(
         self,
@@ -229,6 +400,10 @@ class LeRobotDiffusionPolicy(Policy):
             device=self.device,
         )
 
+    def normalize_action(self, action: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.action_normalization.normalize(action.to(self.device))
+
     def decode(self, x0: Tensor) -> dict[str, Tensor]:
         action_pred = self.action_normalization.unnormalize(x0)
         start = self.n_obs_steps - 1
@@ -252,7 +427,8 @@ def load_lerobot(
     model_path = directory / "model.safetensors"
     network, buffers = split_legacy_buffers(read_safetensors(model_path))
     unet = build_unet(settings)
-    load_unet_weights(unet, network, model_path)
+    rgb_encoder = build_rgb_encoder(settings)
+    load_network_weights(network_modules(unet, rgb_encoder), network, model_path)
 
     rename_map: dict[str, str] = {}
     if (directory / PREPROCESSOR_FILE).exists():
@@ -262,13 +438,13 @@ def load_lerobot(
                 f"{model_path.name} ({sorted(buffers)[:3]}...); remove one of the two."
             )
         inputs, action, rename_map = processor_normalization(
-            directory, settings.condition_sizes, settings.action_dim
+            directory, settings.input_stat_shapes, settings.action_dim
         )
     elif buffers:
         inputs, action = legacy_normalization(
             buffers,
             settings.input_features,
-            settings.condition_sizes,
+            settings.input_stat_shapes,
             settings.action_dim,
             settings.normalization_mapping,
             model_path,
@@ -290,5 +466,7 @@ def load_lerobot(
         input_normalization=inputs,
         action_normalization=action,
         rename_map=rename_map,
+        image_shapes=settings.image_shapes,
+        rgb_encoder=rgb_encoder,
         device=device,
     )

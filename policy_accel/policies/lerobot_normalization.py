@@ -12,12 +12,15 @@ Two layouts exist:
   Their formulas put eps elsewhere (see :class:`FeatureNormalization`).
 
 In both layouts the mode of a feature comes from its *type* (STATE, ENV, VISUAL, ACTION) through
-the norm map, and a type the map does not list is left unnormalized.
+the norm map, and a type the map does not list is left unnormalized. Vector stats have shape
+``(D,)``; image stats are per channel, ``(C, 1, 1)`` (LeRobot's layout, in the processor files and
+in the legacy ``normalize_inputs.buffer_<camera>`` buffers alike), and broadcast over ``H, W``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -142,13 +145,17 @@ def feature_normalization(
     key: str,
     feature_type: str,
     norm_map: dict[str, str],
-    size: int,
+    shape: tuple[int, ...],
     stats: dict[str, Tensor],
     eps: float,
     source: Path,
     legacy: bool = False,
 ) -> FeatureNormalization:
-    """Build and check one feature's normalization; ``source`` names the file in errors."""
+    """Build and check one feature's normalization; ``source`` names the file in errors.
+
+    ``shape`` is what the stats broadcast as: ``(D,)`` for a vector feature, ``(C, 1, 1)`` for
+    an image. A stat with as many elements (``(D,)`` stored as ``(1, D)``, ``(C,)`` for
+    ``(C, 1, 1)``) is reshaped to it."""
     mode = norm_map.get(feature_type, "IDENTITY")
     valid = LEGACY_MODES if legacy else tuple(MODE_STATS)
     if mode not in valid:
@@ -164,17 +171,17 @@ def feature_normalization(
                 f"(it has {sorted(stats)}); re-save the checkpoint with the dataset stats."
             )
         value = stats[name].to(torch.float32)
-        if value.numel() != size:
+        if value.numel() != math.prod(shape):
             raise LeRobotCheckpointError(
-                f"{source}: stat {key}.{name} has shape {tuple(value.shape)}, expected ({size},) "
-                f"for a feature of size {size}."
+                f"{source}: stat {key}.{name} has shape {tuple(value.shape)}, expected "
+                f"{tuple(shape)} for this feature."
             )
         if not torch.isfinite(value).all():
             raise LeRobotCheckpointError(
                 f"{source}: stat {key}.{name} holds NaN or Inf (LeRobot fills unset stats with "
                 "+inf); the checkpoint was saved without dataset stats."
             )
-        needed[name] = value.reshape(size)
+        needed[name] = value.reshape(shape)
     return FeatureNormalization(mode=mode, stats=needed, eps=float(eps), legacy=legacy)
 
 
@@ -253,11 +260,12 @@ def read_normalizer_step(directory: Path, file_name: str, registry_name: str) ->
 
 
 def processor_normalization(
-    directory: Path, input_sizes: dict[str, int], action_size: int
+    directory: Path, input_shapes: dict[str, tuple[int, ...]], action_size: int
 ) -> tuple[dict[str, FeatureNormalization], FeatureNormalization, dict[str, str]]:
     """Input normalizations (by key), the action's and the observation rename map, from the
     normalizer step of ``policy_preprocessor.json`` and the unnormalizer step of
-    ``policy_postprocessor.json``.
+    ``policy_postprocessor.json``. ``input_shapes`` maps each model input to the shape of its
+    stats (see :func:`feature_normalization`).
 
     As in LeRobot, an input is normalized only if the normalizer step lists it (and
     ``normalize_observation_keys``, when set, includes it); the action always goes through the
@@ -266,7 +274,7 @@ def processor_normalization(
     pre = read_normalizer_step(directory, PREPROCESSOR_FILE, "normalizer_processor")
     inputs = {}
     for key, feature in pre.features.items():
-        if key not in input_sizes or (
+        if key not in input_shapes or (
             pre.observation_keys is not None and key not in pre.observation_keys
         ):
             continue
@@ -274,7 +282,7 @@ def processor_normalization(
             key,
             feature.get("type"),
             pre.norm_map,
-            input_sizes[key],
+            input_shapes[key],
             pre.stats.get(key, {}),
             pre.eps,
             pre.state_path,
@@ -284,7 +292,7 @@ def processor_normalization(
         "action",
         "ACTION",
         post.norm_map,
-        action_size,
+        (action_size,),
         post.stats.get("action", {}),
         post.eps,
         post.state_path,
@@ -307,7 +315,7 @@ def split_legacy_buffers(
 def legacy_normalization(
     buffers: dict[str, Tensor],
     input_features: dict[str, dict],
-    input_sizes: dict[str, int],
+    input_shapes: dict[str, tuple[int, ...]],
     action_size: int,
     norm_map: dict[str, str],
     source: Path,
@@ -346,13 +354,13 @@ def legacy_normalization(
         )
     inputs = {}
     for name, key in by_buffer_name.items():
-        if key not in input_sizes:
+        if key not in input_shapes:
             continue
         inputs[key] = feature_normalization(
             key,
             input_features[key]["type"],
             norm_map,
-            input_sizes[key],
+            input_shapes[key],
             module_stats["normalize_inputs"].get(name, {}),
             LEGACY_EPS,
             source,
@@ -362,7 +370,7 @@ def legacy_normalization(
         "action",
         "ACTION",
         norm_map,
-        action_size,
+        (action_size,),
         module_stats["unnormalize_outputs"].get("action", {}),
         LEGACY_EPS,
         source,

@@ -370,11 +370,11 @@ def test_config_of_another_policy_type(tmp_path):
         load_lerobot(target)
 
 
-def test_image_features_are_not_implemented(tmp_path):
+def test_a_camera_in_the_config_without_its_encoder_weights_is_named(tmp_path):
     def add_camera(config):
         config["input_features"]["observation.image"] = {"type": "VISUAL", "shape": [3, 96, 96]}
 
-    with pytest.raises(NotImplementedError, match=r"\['observation\.image'\]"):
+    with pytest.raises(LeRobotCheckpointError, match=r"diffusion\.rgb_encoder\.0\.\* \(all"):
         load_lerobot(copy_checkpoint(tmp_path, add_camera))
 
 
