@@ -24,6 +24,7 @@ from policy_accel.sampling import SOLVERS
 from policy_accel.sampling.problem import noise_from_draws
 
 RESULTS = Path("benchmarks/results/policies.json")
+# ../shared/fixtures beside the checkout, as the project's CI lays it out
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 
 

@@ -21,12 +21,10 @@ from policy_accel.policies.pickle_safe import (
     UnsafeCheckpointError,
     read_checkpoint,
 )
+from tests.shared_fixtures import FIXTURES, require
 
-FIXTURE = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared/fixtures/diffusion_policy/unet_lowdim_global"
-)
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="shared fixtures not found")
+FIXTURE = FIXTURES / "diffusion_policy" / "unet_lowdim_global"
+require(FIXTURE)
 
 
 class Payload:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +10,10 @@ from diffusers import DDIMScheduler
 from policy_accel import load_policy
 from policy_accel.policies.diffusion_policy import DiffusionPolicyLowdim
 from policy_accel.sampling.problem import noise_from_draws
+from tests.shared_fixtures import FIXTURES as SHARED
+from tests.shared_fixtures import require
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "diffusion_policy"
+FIXTURES = SHARED / "diffusion_policy"
 NAMES = ["unet_lowdim_global", "transformer_lowdim"]
 # upstream's *_ddim_* config, which the ddim8 run swapped in
 DDIM8 = dict(
@@ -27,7 +27,7 @@ DDIM8 = dict(
     prediction_type="epsilon",
 )
 
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures not found")
+require(FIXTURES)
 
 
 @pytest.fixture(scope="module", params=NAMES)

@@ -7,10 +7,8 @@ replayed sampling runs with their recorded noise and an online ``select_action``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,16 +27,13 @@ from policy_accel.policies.lerobot_config import read_config
 from policy_accel.policies.lerobot_normalization import FeatureNormalization
 from policy_accel.sampling import SOLVERS
 from policy_accel.sampling.problem import noise_from_draws
+from tests.shared_fixtures import FIXTURES as SHARED
+from tests.shared_fixtures import require
 
 # the shared fixtures sit beside the checkout (../shared); POLICY_ACCEL_FIXTURES overrides
-FIXTURES = Path(
-    os.environ.get(
-        "POLICY_ACCEL_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-    )
-)
+FIXTURES = SHARED
 CHECKPOINT = FIXTURES / "lerobot" / "diffusion_pusht_keypoints"
-if not (CHECKPOINT / "cases.npz").is_file():
-    pytest.skip(f"LeRobot fixtures not found at {CHECKPOINT}", allow_module_level=True)
+require(CHECKPOINT / "cases.npz")
 
 STATE, ENV = "observation.state", "observation.environment_state"
 NORMALIZED_ATOL, ENV_UNITS_ATOL = 1e-5, 1e-3

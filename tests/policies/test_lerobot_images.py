@@ -14,7 +14,6 @@ config order, environment_state])``, flattened step-major.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -35,15 +34,12 @@ from policy_accel.policies.lerobot import (
 )
 from policy_accel.policies.lerobot_config import read_config
 from policy_accel.policies.networks.lerobot_rgb_encoder import DiffusionRgbEncoder
+from tests.shared_fixtures import FIXTURES as SHARED
+from tests.shared_fixtures import require
 
-FIXTURES = Path(
-    os.environ.get(
-        "POLICY_ACCEL_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures"
-    )
-)
+FIXTURES = SHARED
 CHECKPOINT = FIXTURES / "lerobot" / "diffusion_pusht_keypoints"
-if not (CHECKPOINT / "config.json").is_file():
-    pytest.skip(f"LeRobot fixtures not found at {CHECKPOINT}", allow_module_level=True)
+require(CHECKPOINT / "config.json")
 
 STATE, ENV, IMAGE = "observation.state", "observation.environment_state", "observation.image"
 TOP, WRIST = "observation.images.top", "observation.images.wrist"
