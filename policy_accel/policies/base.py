@@ -8,6 +8,7 @@ environment units. ``predict_action`` chains the three.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -17,6 +18,30 @@ from torch import Tensor
 
 from policy_accel.execution import Executor
 from policy_accel.sampling import DenoisingProblem, sample
+
+
+class ConditionedDenoiser:
+    """``network(x, t, **context)`` with per-sample ``context`` tiled over the window positions
+    of a flat batch (position major). ``to(device)`` gives a replica on another device, which
+    multi-device executors use."""
+
+    def __init__(self, network: Any, context: dict[str, Tensor], batch: int) -> None:
+        self.network, self.context, self.batch = network, context, batch
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.shape[0] % self.batch:
+            raise ValueError(
+                f"the denoiser got {x.shape[0]} rows, not a multiple of the batch size "
+                f"{self.batch}."
+            )
+        copies = x.shape[0] // self.batch
+        tiled = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in self.context.items()}
+        return self.network(x, t.to(torch.int64), **tiled)
+
+    def to(self, device: str | torch.device) -> ConditionedDenoiser:
+        network = copy.deepcopy(self.network).to(device)
+        context = {k: v.to(device) for k, v in self.context.items()}
+        return ConditionedDenoiser(network, context, self.batch)
 
 
 class ObservationError(ValueError):
@@ -127,14 +152,9 @@ class Policy(ABC):
             cond_data[:, :steps, -channels:] = inpaint
             mask[:, :steps, -channels:] = True
 
-        def denoiser(x: Tensor, t: Tensor) -> Tensor:
-            copies = x.shape[0] // batch
-            tiled = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in context.items()}
-            return network(x, t, **tiled)
-
         return DenoisingProblem.from_scheduler(
             scheduler if scheduler is not None else self.scheduler,
-            denoiser,
+            ConditionedDenoiser(network, context, batch),
             num_inference_steps or self.num_inference_steps,
             shape,
             generator=generator,

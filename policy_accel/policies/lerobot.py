@@ -379,25 +379,15 @@ class LeRobotDiffusionPolicy(Policy):
         num_inference_steps: int | None = None,
     ) -> DenoisingProblem:
         cond = self.global_cond(obs)
-        batch = cond.shape[0]
-        unet = self.unet
-
-        def denoiser(x: Tensor, t: Tensor) -> Tensor:
-            if x.shape[0] % batch:
-                raise ValueError(
-                    f"denoiser got {x.shape[0]} rows, not a multiple of the batch size {batch}."
-                )
-            return unet(x, t.to(torch.int64), global_cond=cond.repeat(x.shape[0] // batch, 1))
-
-        return DenoisingProblem.from_scheduler(
-            self.scheduler if scheduler is None else scheduler,
-            denoiser,
-            num_inference_steps or self.num_inference_steps,
-            (batch, self.horizon, self.action_dim),
-            generator=generator,
+        return self._conditioned_problem(
+            self.unet,
+            {"global_cond": cond},
+            (cond.shape[0], self.horizon, self.action_dim),
             x_T=x_T,
             noise=noise,
-            device=self.device,
+            generator=generator,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
         )
 
     def normalize_action(self, action: Tensor) -> Tensor:
