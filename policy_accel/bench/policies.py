@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from policy_accel.bench.solvers import machine
+from policy_accel.execution import make_executor
 from policy_accel.policies.loading import load_policy
 from policy_accel.sampling import SOLVERS
 from policy_accel.sampling.problem import noise_from_draws
@@ -60,14 +61,15 @@ def fixture_cases(root: Path) -> list[dict]:
     return cases
 
 
-def run_case(case: dict) -> list[dict]:
-    policy = load_policy(case["checkpoint"])
-    x_T = torch.from_numpy(case["x_T"])
+def run_case(case: dict, device: str = "cpu", executor=None) -> list[dict]:
+    policy = load_policy(case["checkpoint"], device=device)
+    x_T = torch.from_numpy(case["x_T"]).to(device)
     problem = policy.problem(case["obs"], x_T=x_T)
-    noise = noise_from_draws(problem.rule, torch.from_numpy(case["draws"]))
+    noise = noise_from_draws(problem.rule, torch.from_numpy(case["draws"]).to(device))
     rows, reference = [], None
     for method in SOLVERS:
         options = {"pipelined": True} if method == "srds" else {}
+        options["executor"] = executor
         policy.predict_action(case["obs"], method, x_T=x_T, noise=noise, **options)  # warm-up
         start = time.perf_counter()
         out = policy.predict_action(case["obs"], method, x_T=x_T, noise=noise, **options)
@@ -105,18 +107,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the policy and solver run")
+    parser.add_argument("--devices", nargs="+", default=None, help="split windows over these")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = fixture_cases(args.fixtures)
     if not cases:
         raise SystemExit(f"no fixtures under {args.fixtures}; pass --fixtures")
-    rows = [row for case in cases for row in run_case(case)]
+    executor = make_executor(devices=args.devices) if args.devices else None
+    rows = [row for case in cases for row in run_case(case, args.device, executor)]
     report = {
         "benchmark": "policy_accel.bench.policies",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": machine(),
-        "settings": {"scheduler": "checkpoint default (DDPM-100)", "tolerance": "solver defaults"},
+        "settings": {
+            "scheduler": "checkpoint default (DDPM-100)",
+            "tolerance": "solver defaults",
+            "device": args.device,
+            "devices": args.devices,
+        },
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
