@@ -169,3 +169,20 @@ def test_distributed_executor_with_two_gloo_processes(tmp_path):
     mp.spawn(_distributed_worker, args=(2, port, str(out)), nprocs=2, join=True)
     errors = [float(e) for e in out.read_text().split()]
     assert len(errors) == 2 and max(errors) <= 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_matches_eager():
+    """torch.compile on CPU (about 50 s of compilation here)."""
+    from policy_accel.policies.base import ConditionedDenoiser
+    from policy_accel.policies.networks.unet1d import ConditionalUnet1D
+
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(2, global_cond_dim=8, diffusion_step_embed_dim=32, down_dims=(32, 64))
+    denoiser = ConditionedDenoiser(net.eval(), {"global_cond": torch.randn(1, 8)}, 1)
+    x, t = torch.randn(8, 1, 16, 2), torch.arange(8)
+    compiled = LocalExecutor(compile=True)
+    assert torch.allclose(
+        compiled.evaluate(denoiser, x, t), LocalExecutor().evaluate(denoiser, x, t), atol=1e-5
+    )
+    assert compiled.describe()["compile"] is True
