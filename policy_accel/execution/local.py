@@ -83,10 +83,10 @@ class LocalExecutor(Executor):
             output, d_output = torch.func.jvp(
                 lambda inputs: denoiser(inputs, stacked_t), (stacked_x,), (stacked_tangent,)
             )
-        like = torch.empty((directions, *x.shape), device=x.device, dtype=x.dtype)
+        shape = (directions, *x.shape)
         output = unflatten_output(self._to_solver(output, x), stacked_x.unsqueeze(1))
         d_output = self._to_solver(d_output, x)
-        return output.reshape(like.shape)[0], d_output.reshape(like.shape)
+        return output.reshape(shape)[0], d_output.reshape(shape)
 
     # --- helpers ------------------------------------------------------------------------------
 
