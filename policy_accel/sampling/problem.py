@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from policy_accel.sampling.rules import StepRule, reference_scale, rule_from_scheduler
+from policy_accel.sampling.rules import StepRule, rule_from_scheduler
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(x, t)``: ``x`` is a flat batch ``[M, *event]`` of M = P*B rows (window position
@@ -168,7 +168,7 @@ class DenoisingProblem:
     @property
     def tolerance_scale(self) -> Tensor:
         """``[N]``: the noise scale each step's convergence is measured against (ParaDiGMS)."""
-        return reference_scale(self.rule.alphas).to(self.x_T.device)
+        return self.rule.tolerance_scale()
 
     # --- the step map -------------------------------------------------------------------------
 

@@ -194,3 +194,14 @@ def test_unknown_scheduler_is_refused_naming_the_supported_ones():
 def test_eta_is_refused_outside_ddim():
     with pytest.raises(ValueError, match="DDIMScheduler step options"):
         rule_from_scheduler(DDPMScheduler(), 10, eta=0.5)
+
+
+def test_rules_are_reused_across_problems_without_recomputation():
+    """A control loop builds a problem every replan: the rule, its device copy and its derived
+    coefficients are made once."""
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    rule = rule_from_scheduler(scheduler, 20)
+    assert rule_from_scheduler(scheduler, 20) is rule
+    assert rule.to("cpu") is rule
+    assert rule.linear_coefficient() is rule.linear_coefficient()
+    assert rule.tolerance_scale() is rule.tolerance_scale()
