@@ -63,14 +63,13 @@ def solve_by_windows(
     begin, end = 0, window
     while begin < n and step_map.rounds < max_rounds:
         new, change, settled = iterate(x, begin, end)
-        error = scaled_error(change, scale[begin:end])
-        late = torch.nonzero(error > tolerance)
-        first_late = int(late[0, 0]) if late.numel() else end - begin
+        errors = scaled_error(change, scale[begin:end]).tolist()  # the round's one host sync
+        first_late = next((p for p, e in enumerate(errors) if e > tolerance), end - begin)
         new_begin = begin + min(first_late + 1, end - begin)
         x[begin + 1 : end + 1] = new
         if settled is not None:
             x[begin + 1 : new_begin + 1] = settled[: new_begin - begin]
-        residuals.append(float(error.max()))
+        residuals.append(max(errors))
         new_end = min(new_begin + window, n)
         if init is None and new_end > end:
             x[end + 1 : new_end + 1] = x[end]  # ParaDiGMS: new positions start from the last one
