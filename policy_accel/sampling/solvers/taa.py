@@ -14,7 +14,6 @@ advances at least one step per round and ``tolerance=0`` reproduces the sequenti
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +98,13 @@ def taa(
     step_map = StepMap(problem, executor)
     linear = problem.rule.linear_coefficient().to(problem.x_T)
     n = problem.num_steps
-    history: deque[tuple[Tensor, Tensor]] = deque(maxlen=options.memory + 1)
+    # Anderson history: ring buffers over the whole trajectory, allocated once per solve
+    slots = options.memory + 1
+    history_x = (
+        problem.x_T.new_zeros((slots, n + 1, *problem.x_T.shape)) if options.memory else None
+    )
+    history_r = torch.zeros_like(history_x) if options.memory else None
+    stored = [0]
     rounds_in_window = torch.zeros(n + 1, dtype=torch.long, device=problem.x_T.device)
 
     def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -110,22 +115,27 @@ def taa(
         # The exact-linear-part (picard) value: what a position settles to, and the change that
         # the tolerance judges, so taa stops exactly where picard would with the same iterate.
         settled = diagonal_scan(F, old, coefficient)
-        order = end - begin if options.order is None else options.order
-        residual = order_residual(F - old, coefficient, order)
+        if options.order is None or options.order >= end - begin:
+            residual = settled - old  # the full-window order residual is the picard scan's change
+        else:
+            residual = order_residual(F - old, coefficient, options.order)
         new = old + residual
         rounds_in_window[begin + 1 : end + 1] += 1
         if options.memory:
-            snapshot_x = torch.zeros_like(x)
-            snapshot_r = torch.zeros_like(x)
-            snapshot_x[begin + 1 : end + 1] = old
-            snapshot_r[begin + 1 : end + 1] = residual
-            history.append((snapshot_x, snapshot_r))
-            if len(history) > 1:
-                xs = torch.stack([h[0][begin + 1 : end + 1] for h in history])
-                rs = torch.stack([h[1][begin + 1 : end + 1] for h in history])
+            slot = stored[0] % slots
+            history_x[slot, begin + 1 : end + 1] = old
+            history_r[slot, begin + 1 : end + 1] = residual
+            stored[0] += 1
+            filled = min(stored[0], slots)
+            if filled > 1:
+                # oldest to newest; entries of positions that were not yet in the window are
+                # stale, and `usable` keeps each position to the rounds it has seen
+                order = [(stored[0] - filled + k) % slots for k in range(filled)]
+                xs = history_x[order, begin + 1 : end + 1]
+                rs = history_r[order, begin + 1 : end + 1]
                 flat = lambda t: t.reshape(*t.shape[: -len(problem.event_shape)], -1)  # noqa: E731
                 deltas_x, deltas_r = flat(xs[1:] - xs[:-1]), flat(rs[1:] - rs[:-1])
-                usable = (rounds_in_window[begin + 1 : end + 1] - 1).clamp(0, len(history) - 1)
+                usable = (rounds_in_window[begin + 1 : end + 1] - 1).clamp(0, filled - 1)
                 correction = anderson_correction(
                     deltas_x, deltas_r, flat(residual), usable, options.regularization
                 )
