@@ -16,14 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from policy_accel.policies import ObservationError
-from policy_accel.policies.lerobot import (
-    LeRobotCheckpointError,
-    build_unet,
-    load_lerobot,
-    to_lerobot_key,
-    to_our_key,
-)
+from policy_accel.policies.lerobot import LeRobotCheckpointError, load_lerobot
 from policy_accel.policies.lerobot_config import read_config
+from policy_accel.policies.lerobot_networks import build_unet, to_lerobot_key, to_our_key
 from policy_accel.policies.lerobot_normalization import FeatureNormalization
 from policy_accel.sampling import SOLVERS
 from policy_accel.sampling.problem import noise_from_draws

@@ -28,11 +28,10 @@ from policy_accel.policies import ObservationError, load_policy
 from policy_accel.policies.lerobot import (
     LeRobotCheckpointError,
     LeRobotDiffusionPolicy,
-    build_unet,
     load_lerobot,
-    to_lerobot_key,
 )
 from policy_accel.policies.lerobot_config import read_config
+from policy_accel.policies.lerobot_networks import build_unet, to_lerobot_key
 from policy_accel.policies.networks.lerobot_rgb_encoder import DiffusionRgbEncoder
 from tests.shared_fixtures import FIXTURES as SHARED
 from tests.shared_fixtures import require
