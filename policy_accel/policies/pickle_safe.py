@@ -107,7 +107,8 @@ def _restricted_module(source: str) -> types.ModuleType:
 
 def read_checkpoint(path: str | Path) -> dict:
     """The payload of a DiffusionPolicy ``.ckpt`` (or ``.ckpt.xz``) as plain Python data:
-    ``{"cfg": dict, "state_dicts": {...}}`` with the config resolved to plain containers."""
+    ``{"cfg": dict, "state_dicts": {...}, ...}`` with the config resolved to plain containers
+    (other top-level entries, such as ``pickles``, are returned as unpickled, allow-list and all)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
@@ -141,4 +142,4 @@ def read_checkpoint(path: str | Path) -> dict:
 
     cfg = payload["cfg"]
     cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-    return {"cfg": cfg, "state_dicts": payload["state_dicts"]}
+    return {**payload, "cfg": cfg}
