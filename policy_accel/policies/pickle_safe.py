@@ -108,7 +108,8 @@ def _restricted_module(source: str) -> types.ModuleType:
 def read_checkpoint(path: str | Path) -> dict:
     """The payload of a DiffusionPolicy ``.ckpt`` (or ``.ckpt.xz``) as plain Python data:
     ``{"cfg": dict, "state_dicts": {...}, ...}`` with the config resolved to plain containers
-    (other top-level entries, such as ``pickles``, are returned as unpickled, allow-list and all)."""
+    (other top-level entries, such as ``pickles``, come back as the restricted unpickler read
+    them)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
