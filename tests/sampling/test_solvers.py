@@ -151,6 +151,37 @@ def test_finish_sequentially_makes_a_stopped_solver_exact(method):
     assert rms(result.sample, reference.sample) <= 1e-5
 
 
+class SlowDenoiser:
+    """Wraps a denoiser so each call takes at least ``seconds``: rounds cost real time."""
+
+    def __init__(self, denoiser, seconds):
+        self.denoiser, self.seconds = denoiser, seconds
+
+    def __call__(self, x, t):
+        import time
+
+        time.sleep(self.seconds)
+        return self.denoiser(x, t)
+
+
+@pytest.mark.parametrize("method", PARALLEL)
+def test_deadline_stops_within_one_round_and_flags_it(method):
+    import time
+
+    fast = chunk_problem("ddpm", 100)
+    problem = DenoisingProblem(**{**fast.__dict__, "denoiser": SlowDenoiser(fast.denoiser, 0.01)})
+    untimed = sample(fast, method, deadline=time.perf_counter() + 60)  # also warms memoised rules
+    assert untimed.converged and "deadline_hit" not in untimed.stats
+    start = time.perf_counter()
+    result = sample(problem, method, tolerance=0.0, deadline=start + 0.05)
+    elapsed = time.perf_counter() - start
+    assert not result.converged and result.stats["deadline_hit"]
+    assert result.rounds >= 1
+    # srds stops between iterations of block_size (10) rounds; the others between rounds
+    allowed = 0.05 + (10 if method == "srds" else 1) * 0.01 + 0.1
+    assert elapsed < allowed
+
+
 def test_float64_problem_stays_float64():
     scheduler = make_scheduler("ddpm")
     problem = DenoisingProblem.from_scheduler(

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 
-def check_stopping(tolerance: float, max_rounds: int | None) -> None:
+def check_stopping(tolerance: float, max_rounds: int | None, deadline: float | None = None) -> None:
     """Validate the options every iterative solver takes."""
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be >= 0. Got {tolerance!r}.")
     if max_rounds is not None and (not isinstance(max_rounds, int) or max_rounds < 1):
         raise ValueError(f"max_rounds must be a positive int or None. Got {max_rounds!r}.")
+    if deadline is not None and not isinstance(deadline, (int, float)):
+        raise ValueError(
+            f"deadline must be a time.perf_counter() value in seconds or None. Got {deadline!r}."
+        )
+
+
+def may_start_round(rounds: int, deadline: float | None) -> bool:
+    """Whether another round may start: always the first, then only before ``deadline`` (a
+    ``time.perf_counter()`` value). A solver stopped by its deadline overruns it by at most the
+    round in flight."""
+    return rounds == 0 or deadline is None or time.perf_counter() < deadline
 
 
 @dataclass(frozen=True)
@@ -22,14 +34,18 @@ class WindowOptions:
     max_rounds: stop after this many rounds (``None``: N, which always suffices).
     finish_sequentially: if the tolerance is not met within ``max_rounds``, finish the
         remaining steps sequentially (exact, more rounds) instead of returning the iterate.
+    deadline: a ``time.perf_counter()`` time after which no new round starts; the solver then
+        returns its iterate with ``converged=False`` and ``stats["deadline_hit"]`` (real-time
+        control; ``finish_sequentially`` is not applied past a deadline).
     """
 
     window: int | None = None
     tolerance: float = 0.1
     max_rounds: int | None = None
     finish_sequentially: bool = False
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be a positive int or None. Got {self.window!r}.")
-        check_stopping(self.tolerance, self.max_rounds)
+        check_stopping(self.tolerance, self.max_rounds, self.deadline)

@@ -32,7 +32,7 @@ from torch import Tensor
 from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
-from policy_accel.sampling.solvers.options import check_stopping
+from policy_accel.sampling.solvers.options import check_stopping, may_start_round
 from policy_accel.sampling.solvers.windows import (
     finish_sequentially,
     initial_trajectory,
@@ -53,6 +53,9 @@ class SRDSOptions:
         on the initial coarse sweep).
     pipelined: report the critical path of the pipelined schedule as ``rounds``.
     finish_sequentially: if ``max_rounds`` stops the solver, finish the rest sequentially.
+    deadline: no new iteration starts after this ``time.perf_counter()`` time (see
+        :class:`~policy_accel.sampling.solvers.options.WindowOptions`); an iteration is
+        ``block_size`` rounds, the granularity at which SRDS can stop.
     """
 
     block_size: int | None = None
@@ -60,13 +63,14 @@ class SRDSOptions:
     max_rounds: int | None = None
     pipelined: bool = False
     finish_sequentially: bool = False
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.block_size is not None and (
             not isinstance(self.block_size, int) or self.block_size < 1
         ):
             raise ValueError(f"block_size must be a positive int or None. Got {self.block_size!r}.")
-        check_stopping(self.tolerance, self.max_rounds)
+        check_stopping(self.tolerance, self.max_rounds, self.deadline)
 
 
 def srds(
@@ -117,7 +121,11 @@ def srds(
 
     first_open, iterations, residuals, exact_steps = 0, 0, [], 0
     converged, critical_path = False, 0
+    deadline_hit = False
     while step_map.rounds < max_rounds:
+        if not may_start_round(step_map.rounds, options.deadline):
+            deadline_hit = True
+            break
         iterations += 1
         active = list(range(first_open, blocks))
         coarse_old: dict[int, Tensor] = {}
@@ -171,7 +179,9 @@ def srds(
         "block_size": size,
         "rounds_executed": step_map.rounds,
     }
-    if not converged and options.finish_sequentially:
+    if deadline_hit:
+        stats["deadline_hit"] = True
+    elif not converged and options.finish_sequentially:
         if exact_steps == 0:
             x[0] = problem.x_T
         finish_sequentially(step_map, x, exact_steps)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
-from policy_accel.sampling.solvers.options import WindowOptions
+from policy_accel.sampling.solvers.options import WindowOptions, may_start_round
 from policy_accel.sampling.step_map import StepMap
 
 # iterate(x, begin, end) -> (new values for x[begin+1 .. end], change that the tolerance judges,
@@ -61,7 +61,11 @@ def solve_by_windows(
     scale = problem.tolerance_scale
     residuals: list[float] = []
     begin, end = 0, window
-    while begin < n and step_map.rounds < max_rounds:
+    while (
+        begin < n
+        and step_map.rounds < max_rounds
+        and may_start_round(step_map.rounds, options.deadline)
+    ):
         new, change, settled = iterate(x, begin, end)
         errors = scaled_error(change, scale[begin:end]).tolist()  # the round's one host sync
         first_late = next((p for p, e in enumerate(errors) if e > tolerance), end - begin)
@@ -77,7 +81,10 @@ def solve_by_windows(
     converged = begin >= n
     converged_steps = min(begin, n)
     stats = {}
-    if not converged and options.finish_sequentially:
+    deadline_hit = not converged and step_map.rounds < max_rounds
+    if deadline_hit:
+        stats["deadline_hit"] = True
+    elif not converged and options.finish_sequentially:
         finish_sequentially(step_map, x, begin)
         stats["finished_sequentially_from"] = begin
         converged_steps = n
