@@ -19,3 +19,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_pusht_policy(tmp_path_factory):
+    """A barely trained PushT keypoint policy (10-step DDPM): real networks, loading and
+    normalisation, fast enough to roll out in tests; not good enough to succeed."""
+    from policy_accel.data.demos import collect_demos
+    from policy_accel.policies import load_policy
+    from policy_accel.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_pusht")
+    buffer, _ = collect_demos("pusht", 1, first_seed=2000)
+    buffer.save(root / "demos.zarr")
+    config = TrainConfig(
+        dataset=str(root / "demos.zarr"),
+        output=str(root / "run"),
+        down_dims=(16, 32),
+        diffusion_step_embed_dim=16,
+        batch_size=16,
+        max_steps=5,
+        lr_warmup_steps=1,
+        num_train_timesteps=10,
+    )
+    return load_policy(train(config, log=lambda _: None).policy_dir)
