@@ -1,0 +1,132 @@
+"""The Controller: receding horizon bookkeeping, exact warm starts, deadlines, stats."""
+
+import numpy as np
+import pytest
+import torch
+
+import envs
+from policy_accel.control import Controller
+from policy_accel.sampling import sample
+
+
+@pytest.fixture()
+def env():
+    env = envs.make("pusht")
+    yield env
+    env.close()
+
+
+def test_queue_executes_exactly_n_action_steps_per_plan(tiny_pusht_policy, env):
+    controller = Controller(tiny_pusht_policy, method="sequential", n_action_steps=5)
+    obs, _ = env.reset(seed=0)
+    for step in range(11):
+        action = controller.act(obs)
+        assert action.shape == (2,)
+        assert len(controller.records) == step // 5 + 1
+        obs, *_ = env.step(action)
+    assert [r.shift for r in controller.records] == [0, 5, 5]
+
+
+def test_history_repeats_the_first_observation_and_never_mutates_the_callers(
+    tiny_pusht_policy, env
+):
+    controller = Controller(tiny_pusht_policy, method="sequential")
+    obs, _ = env.reset(seed=1)
+    original = obs.copy()
+    controller.act(obs)
+    np.testing.assert_array_equal(obs, original)
+    np.testing.assert_array_equal(controller.history.stacked(), np.stack([original, original]))
+    obs[:] = 0.0  # the caller reuses its buffer: the history keeps its own copy
+    assert np.all(controller.history.stacked() == original)
+
+
+def _sequential_chunk(policy, controller):
+    """The chunk sequential sampling gives for the controller's last observation and noise."""
+    x_T, noise = controller.last_noise
+    problem = policy.problem(controller._policy_obs(), x_T=x_T, noise=noise)
+    return policy.decode(sample(problem, "sequential").sample)["action"][0].numpy()
+
+
+@pytest.mark.parametrize("method", ["picard", "newton", "paradigms"])
+def test_warm_started_chunks_equal_cold_chunks_with_the_same_shifted_noise(
+    tiny_pusht_policy, env, method
+):
+    controller = Controller(tiny_pusht_policy, method=method, tolerance=1e-6)
+    obs, _ = env.reset(seed=2)
+    for _ in range(3):  # three replans: one cold, two warm
+        chunk = controller.plan(obs)
+        np.testing.assert_allclose(chunk, _sequential_chunk(tiny_pusht_policy, controller), atol=1e-3)
+        for action in chunk:
+            obs, *_ = env.step(action)
+            controller._observe(obs)
+            controller._executed_since_plan += 1
+    assert [r.warm for r in controller.records] == [False, True, True]
+    assert [r.shift for r in controller.records] == [0, 8, 8]
+
+
+def test_consecutive_warm_plans_share_noise_on_their_overlap(tiny_pusht_policy, env):
+    controller = Controller(tiny_pusht_policy, method="picard")
+    obs, _ = env.reset(seed=3)
+    for _ in range(8):
+        obs, *_ = env.step(controller.act(obs))
+    first_noise = controller.last_noise
+    controller.act(obs)  # replans after 8 executed actions
+    second_noise = controller.last_noise
+    torch.testing.assert_close(second_noise[0][:, :8], first_noise[0][:, 8:])
+    torch.testing.assert_close(second_noise[1][:, :, :8], first_noise[1][:, :, 8:])
+    cold = Controller(tiny_pusht_policy, method="picard", warm_start=False)
+    obs, _ = env.reset(seed=3)
+    for _ in range(9):
+        obs, *_ = env.step(cold.act(obs))
+    assert not torch.allclose(cold.last_noise[0][:, :8], first_noise[0][:, 8:])
+    assert [r.warm for r in cold.records] == [False, False]
+
+
+def test_warm_start_needs_fewer_rounds(tiny_pusht_policy, env):
+    rounds = {}
+    for warm in (False, True):
+        controller = Controller(tiny_pusht_policy, method="picard", warm_start=warm)
+        obs, _ = env.reset(seed=4)
+        for _ in range(40):
+            obs, *_ = env.step(controller.act(obs))
+        rounds[warm] = controller.stats()["rounds_mean"]
+    assert rounds[True] < rounds[False]
+
+
+def test_deadline_returns_the_best_chunk_flagged_and_can_fall_back(tiny_pusht_policy, env):
+    obs, _ = env.reset(seed=5)
+    late = Controller(tiny_pusht_policy, method="picard", budget_ms=1e-6, tolerance=0.0)
+    chunk = late.plan(obs)
+    record = late.records[-1]
+    assert chunk.shape == (8, 2) and np.all(np.isfinite(chunk))
+    assert record.deadline_hit and not record.converged and record.rounds == 1
+    rescued = Controller(
+        tiny_pusht_policy, method="picard", budget_ms=1e-6, fallback_steps=3, tolerance=0.0
+    )
+    rescued.plan(obs)
+    assert rescued.records[-1].fallback and rescued.stats()["fallbacks"] == 1
+
+
+def test_stats_report_latency_percentiles_and_rounds(tiny_pusht_policy, env):
+    controller = Controller(tiny_pusht_policy, method="picard")
+    obs, _ = env.reset(seed=6)
+    for _ in range(17):
+        obs, *_ = env.step(controller.act(obs))
+    stats = controller.stats()
+    assert stats["n_plans"] == 3
+    assert stats["latency_ms_p50"] <= stats["latency_ms_p95"] <= stats["latency_ms_p99"]
+    assert 1 <= stats["rounds_mean"] <= 10 and stats["warm_fraction"] == pytest.approx(2 / 3)
+    controller.reset()
+    assert len(controller.history) == 0 and not controller.queue
+    assert controller.stats()["n_plans"] == 3  # records survive a reset
+
+
+def test_bad_settings_are_refused_with_clear_messages(tiny_pusht_policy):
+    with pytest.raises(ValueError, match="unknown method"):
+        Controller(tiny_pusht_policy, method="fast")
+    with pytest.raises(ValueError, match="between 1 and"):
+        Controller(tiny_pusht_policy, n_action_steps=9)
+    with pytest.raises(ValueError, match="cannot stop early"):
+        Controller(tiny_pusht_policy, method="sequential", budget_ms=10)
+    with pytest.raises(ValueError, match="only applies"):
+        Controller(tiny_pusht_policy, fallback_steps=4)
