@@ -55,7 +55,8 @@ def test_warm_started_chunks_equal_cold_chunks_with_the_same_shifted_noise(
     obs, _ = env.reset(seed=2)
     for _ in range(3):  # three replans: one cold, two warm
         chunk = controller.plan(obs)
-        np.testing.assert_allclose(chunk, _sequential_chunk(tiny_pusht_policy, controller), atol=1e-3)
+        expected = _sequential_chunk(tiny_pusht_policy, controller)
+        np.testing.assert_allclose(chunk, expected, atol=1e-3)
         for action in chunk:
             obs, *_ = env.step(action)
             controller._observe(obs)
