@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# openpi's published client, to test the server against it unchanged; it pins numpy<2
+	# (which it does not need), so it is installed without its dependencies
+	$(BIN)/python -m pip install --quiet --no-deps openpi-client==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
