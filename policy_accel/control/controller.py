@@ -152,17 +152,31 @@ class Controller:
 
     def act(self, obs: Any) -> np.ndarray:
         """One control step: record ``obs``, replan if the queue is empty, return an action."""
-        self._observe(obs)
+        self.observe(obs)
         if not self.queue:
-            self._replan()
+            self.replan()
         self._executed_since_plan += 1
         return self.queue.popleft()
 
     def plan(self, obs: Any) -> np.ndarray:
         """Record ``obs`` and replan now; returns (and queues) the new chunk
         ``(n_action_steps, action_dim)``."""
-        self._observe(obs)
-        return self._replan().copy()
+        self.observe(obs)
+        return self.replan().copy()
+
+    def observe(self, obs: Any) -> None:
+        """Add ``obs`` to the history (the first after a reset fills it)."""
+        if len(self.history) == 0:
+            self.history.reset(obs)
+        else:
+            self.history.append(obs)
+
+    def replan(self, history: Any = None, executed: int | None = None) -> np.ndarray:
+        """Plan from ``history`` (a stacked ``(n_obs_steps, ...)`` snapshot; default: the
+        Controller's own) given ``executed`` actions since the previous plan's observation
+        (default: as counted by :meth:`act`); queues and returns the chunk. The asynchronous
+        runtime calls this from its planning thread with its own snapshot."""
+        return self._replan(history, executed)
 
     def stats(self) -> dict[str, float]:
         """Latency p50/p95/p99, rounds, model evaluations, converged and warm fractions."""
@@ -172,14 +186,8 @@ class Controller:
         return [asdict(record) for record in self.records]
 
     # -- internals ----------------------------------------------------------------------------
-    def _observe(self, obs: Any) -> None:
-        if len(self.history) == 0:
-            self.history.reset(obs)
-        else:
-            self.history.append(obs)
-
-    def _policy_obs(self) -> dict[str, np.ndarray]:
-        stacked = self.history.stacked()
+    def _policy_obs(self, stacked: Any = None) -> dict[str, np.ndarray]:
+        stacked = self.history.stacked() if stacked is None else stacked
         if isinstance(stacked, dict):
             return {key: value[None] for key, value in stacked.items()}
         keys = list(self.policy.observation_spec)
@@ -195,9 +203,9 @@ class Controller:
         noise = torch.randn((self.policy.num_inference_steps, *shape), generator=self.generator)
         return x_T, noise
 
-    def _replan(self) -> np.ndarray:
+    def _replan(self, history: Any = None, executed: int | None = None) -> np.ndarray:
         start = time.perf_counter()
-        shift = self._executed_since_plan
+        shift = self._executed_since_plan if executed is None else int(executed)
         warm = (
             self.warm_start
             and self.last_result is not None
@@ -211,7 +219,7 @@ class Controller:
         else:
             x_T, noise = self._fresh_noise()
         device = self.policy.device
-        obs = self._policy_obs()
+        obs = self._policy_obs(history)
         problem = self.policy.problem(obs, x_T=x_T.to(device), noise=noise.to(device))
         init = None
         if warm:
@@ -224,7 +232,7 @@ class Controller:
         x0 = result.sample
         fallback = deadline_hit and self.fallback_steps is not None
         if fallback:
-            x0 = self._fallback_sample(x_T)
+            x0 = self._fallback_sample(obs, x_T)
         chunk = self.policy.decode(x0)["action"][0, : self.n_action_steps].cpu().numpy()
         if not np.all(np.isfinite(chunk)):
             raise FloatingPointError(
@@ -250,11 +258,11 @@ class Controller:
         )
         return chunk
 
-    def _fallback_sample(self, x_T: torch.Tensor) -> torch.Tensor:
+    def _fallback_sample(self, obs: dict, x_T: torch.Tensor) -> torch.Tensor:
         if self._fallback_scheduler is None:
             self._fallback_scheduler = DDIMScheduler.from_config(self.policy.scheduler.config)
         problem = self.policy.problem(
-            self._policy_obs(),
+            obs,
             x_T=x_T.to(self.policy.device),
             scheduler=self._fallback_scheduler,
             num_inference_steps=self.fallback_steps,

@@ -53,14 +53,14 @@ def test_warm_started_chunks_equal_cold_chunks_with_the_same_shifted_noise(
 ):
     controller = Controller(tiny_pusht_policy, method=method, tolerance=1e-6)
     obs, _ = env.reset(seed=2)
+    controller.observe(obs)
     for _ in range(3):  # three replans: one cold, two warm
-        chunk = controller.plan(obs)
+        chunk = controller.replan(executed=8 if controller.records else 0)
         expected = _sequential_chunk(tiny_pusht_policy, controller)
         np.testing.assert_allclose(chunk, expected, atol=1e-3)
         for action in chunk:
             obs, *_ = env.step(action)
-            controller._observe(obs)
-            controller._executed_since_plan += 1
+            controller.observe(obs)
     assert [r.warm for r in controller.records] == [False, True, True]
     assert [r.shift for r in controller.records] == [0, 8, 8]
 

@@ -1,0 +1,78 @@
+"""AsyncController: background plans, stale actions dropped, chunk merges, fixed-rate loop."""
+
+import numpy as np
+import pytest
+
+import envs
+from policy_accel.control import AsyncController, Controller
+
+
+def _async(policy, **kwargs):
+    return AsyncController(Controller(policy, method="picard"), **kwargs)
+
+
+def test_merge_latest_replaces_and_stale_actions_are_dropped(tiny_pusht_policy):
+    runtime = _async(tiny_pusht_policy)
+    runtime.slot = 3
+    runtime._merge(np.full((4, 2), 1.0), slot=1)  # planned from slot 1, arrives at slot 3
+    assert runtime.stats.stale_dropped == 2 and sorted(runtime.timeline) == [3, 4]
+    runtime._merge(np.full((4, 2), 5.0), slot=4)
+    assert runtime.timeline[3][0] == 1.0 and runtime.timeline[4][0] == 5.0
+    assert sorted(runtime.timeline) == [3, 4, 5, 6, 7]
+
+
+def test_merge_average_blends_overlapping_actions(tiny_pusht_policy):
+    runtime = _async(tiny_pusht_policy, merge="average", merge_weight=0.25)
+    runtime._merge(np.full((4, 2), 4.0), slot=0)
+    runtime._merge(np.full((4, 2), 8.0), slot=2)
+    assert runtime.timeline[1][0] == 4.0
+    assert runtime.timeline[2][0] == pytest.approx(0.75 * 4.0 + 0.25 * 8.0)
+    assert runtime.timeline[5][0] == 8.0
+
+
+def test_holding_the_last_action_when_the_timeline_runs_dry(tiny_pusht_policy):
+    runtime = _async(tiny_pusht_policy)
+    with pytest.raises(RuntimeError, match="wait for the first plan"):
+        runtime.next_action()
+    runtime._merge(np.array([[1.0, 2.0]]), slot=0)
+    first = runtime.next_action()
+    held = runtime.next_action()
+    np.testing.assert_array_equal(first, held)
+    assert runtime.stats.starved == 1
+
+
+def test_simulated_time_plans_ahead_warm_starts_and_never_starves(tiny_pusht_policy):
+    env = envs.make("pusht", max_episode_steps=40)
+    runtime = _async(tiny_pusht_policy)  # replans when 4 of 8 actions are left
+    stats = runtime.run(env, hz=10.0, seed=0, realtime=False)
+    assert stats.steps == 40 and stats.starved == 0
+    records = runtime.controller.records
+    assert stats.plans == len(records) >= 40 // 8
+    assert all(r.warm for r in records[1:])
+    # each warm start is shifted by the slots between the two plans' observations
+    assert all(0 < r.shift <= 8 for r in records[1:])
+    env.close()
+
+
+def test_realtime_loop_keeps_the_slot_count(tiny_pusht_policy):
+    env = envs.make("pusht", max_episode_steps=20)
+    runtime = _async(tiny_pusht_policy)
+    stats = runtime.run(env, hz=50.0, seed=1)
+    assert stats.steps == 20 and runtime.slot == 20 and stats.plans >= 1
+    assert stats.max_period_error_ms >= 0.0
+    env.close()
+
+
+def test_planner_errors_reach_the_control_thread(tiny_pusht_policy):
+    runtime = _async(tiny_pusht_policy)
+    runtime.observe({"wrong": np.zeros(3)})
+    runtime.submit()
+    with pytest.raises(RuntimeError, match="background planner failed"):
+        runtime.wait_for_plan()
+
+
+def test_bad_merge_settings_are_refused(tiny_pusht_policy):
+    with pytest.raises(ValueError, match="merge must be"):
+        _async(tiny_pusht_policy, merge="median")
+    with pytest.raises(ValueError, match="merge_weight"):
+        _async(tiny_pusht_policy, merge="average", merge_weight=0.0)
