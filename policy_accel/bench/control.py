@@ -1,0 +1,161 @@
+"""Closed-loop control benchmark: ``python -m policy_accel.bench.control``.
+
+The shipped PushT checkpoint drives the env through a :class:`~policy_accel.control.Controller`
+on fixed seeds (DiffusionPolicy's test seeds), its own 100-step DDPM sampled by every solver, cold
+and warm-started. After every replan the same problem (observation history and the noise the
+Controller used) is also solved sequentially, so the reported action error is the solver's
+deviation from the exact sample, replan by replan. Reported per configuration: rounds per replan
+(mean, p90), model evaluations, latency p50/p99 and their ratio to the sequential sampler measured
+in the same run, success and score, and max action error vs sequential. With ``--server`` the
+round-trip overhead of the websocket server over loopback is measured on top (p50/p99 of
+client round trip minus the server's own inference time). Results in
+``benchmarks/results/control.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import envs
+from policy_accel.bench.solvers import machine
+from policy_accel.control import Controller
+from policy_accel.policies.loading import load_policy
+from policy_accel.sampling import sample
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "pusht_keypoints"
+RESULTS = Path("benchmarks/results/control.json")
+METHODS = ("sequential", "paradigms", "picard", "taa", "srds", "newton")
+
+
+def _exact_chunk(controller: Controller) -> np.ndarray:
+    """The sequential sample of the controller's last problem (same history, same noise)."""
+    policy = controller.policy
+    x_T, noise = controller.last_noise
+    problem = policy.problem(controller._policy_obs(), x_T=x_T, noise=noise)
+    x0 = sample(problem, "sequential").sample
+    return policy.decode(x0)["action"][0, : controller.n_action_steps].cpu().numpy()
+
+
+def run_configuration(
+    policy, env_name: str, env_kwargs: dict, seeds: list[int], method: str, warm: bool, **options
+) -> dict:
+    env = envs.make(env_name, **env_kwargs)
+    records, errors, episodes = [], [], []
+    for seed in seeds:
+        controller = Controller(policy, method=method, warm_start=warm, seed=seed, **options)
+        obs, _ = env.reset(seed=seed)
+        score, info = 0.0, {}
+        while True:
+            plans = len(controller.records)
+            action = controller.act(obs)
+            if len(controller.records) > plans and method != "sequential":
+                errors.append(float(np.abs(controller.last_chunk - _exact_chunk(controller)).max()))
+            obs, _, terminated, truncated, info = env.step(action)
+            score = max(score, float(info.get("score", 0.0)))
+            if terminated or truncated:
+                break
+        records.extend(controller.records)
+        episodes.append({"seed": seed, "success": bool(info["is_success"]), "score": score})
+    env.close()
+    latency = np.array([r.latency_ms for r in records])
+    rounds = np.array([r.rounds for r in records])
+    return {
+        "method": method,
+        "warm_start": warm,
+        "replans": len(records),
+        "rounds_mean": float(rounds.mean()),
+        "rounds_p90": float(np.percentile(rounds, 90)),
+        "model_evals_mean": float(np.mean([r.model_evals for r in records])),
+        "converged_fraction": float(np.mean([r.converged for r in records])),
+        "latency_ms_p50": float(np.percentile(latency, 50)),
+        "latency_ms_p99": float(np.percentile(latency, 99)),
+        "success": float(np.mean([e["success"] for e in episodes])),
+        "mean_score": float(np.mean([e["score"] for e in episodes])),
+        "max_action_error": max(errors) if errors else 0.0,
+        "episodes": episodes,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'method':>10} {'warm':>5} {'rounds':>7} {'p90':>5} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'x seq':>6} {'success':>8} {'score':>6} {'max err':>9}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['method']:>10} {str(r['warm_start']):>5} {r['rounds_mean']:7.1f} "
+            f"{r['rounds_p90']:5.0f} {r['latency_ms_p50']:8.1f} {r['latency_ms_p99']:8.1f} "
+            f"{r['speedup_p50']:6.2f} {r['success']:8.2f} {r['mean_score']:6.3f} "
+            f"{r['max_action_error']:9.2e}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--env", default="pusht")
+    parser.add_argument("--episodes", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=100000, help="DP's PushT test seeds")
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--server", action="store_true", help="also measure server overhead")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    policy = load_policy(args.checkpoint)
+    env_kwargs = {"max_episode_steps": args.max_steps}
+    if args.env == "pusht":
+        env_kwargs["legacy_seeds"] = True
+    seeds = list(range(args.first_seed, args.first_seed + args.episodes))
+    rows = []
+    for method in args.methods:
+        for warm in (False, True) if method != "sequential" else (False,):
+            start = time.perf_counter()
+            row = run_configuration(policy, args.env, env_kwargs, seeds, method, warm)
+            row["wall_s"] = time.perf_counter() - start
+            rows.append(row)
+            print(
+                f"{method:>10} warm={warm!s:5} rounds {row['rounds_mean']:5.1f} p50 "
+                f"{row['latency_ms_p50']:7.1f} ms success {row['success']:.2f} "
+                f"max err {row['max_action_error']:.1e}",
+                flush=True,
+            )
+    reference = next((r for r in rows if r["method"] == "sequential"), None)
+    for row in rows:
+        if reference is not None:
+            row["speedup_p50"] = reference["latency_ms_p50"] / row["latency_ms_p50"]
+            row["speedup_p99"] = reference["latency_ms_p99"] / row["latency_ms_p99"]
+        else:
+            row["speedup_p50"] = row["speedup_p99"] = float("nan")
+    report = {
+        "benchmark": "control",
+        "machine": machine(),
+        "torch_threads": args.threads,
+        "checkpoint": args.checkpoint.name,
+        "env": args.env,
+        "seeds": [seeds[0], seeds[-1]],
+        "num_inference_steps": policy.num_inference_steps,
+        "rows": rows,
+    }
+    if args.server:
+        from policy_accel.bench.server import server_overhead
+
+        report["server"] = server_overhead(policy, args.env, env_kwargs, seeds[0])
+    print(format_table(rows))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Batched closed-loop evaluation: ``policy-accel eval`` runs :func:`evaluate`.
+
+``eval.batch_size`` envs (a gymnasium vector env; ``async`` runs each in its own process started
+with ``spawn``, which MuJoCo needs) step in lockstep; each replan is one batched policy call by a
+:class:`~policy_accel.control.batch.BatchController`, with per-episode noise streams so samplers
+compare on the same seeds and noise. A finished env starts the next seed at the next replan.
+
+Latency-aware simulation: with ``runtime.inference_delay_steps = k`` the robot keeps executing
+the previous chunk for ``k`` steps while the replan is "in flight", as it would on hardware: each
+cycle executes the previous plan's actions ``n .. n+k-1`` and then the new plan's actions
+``k .. n-1`` (``n`` = n_action_steps; the first plan of an episode has nothing to hold and runs
+undelayed). ``"auto"`` sets ``k = ceil(latency * control_hz)`` from each replan's measured latency
+(the batched call's: use ``eval.batch_size=1`` for a single robot's latency).
+
+Outputs: ``<output_dir>/<date>/<time>_<name>/eval_info.json`` (aggregates with DiffusionPolicy /
+LeRobot names, ``per_episode``, per-replan latency percentiles, rounds, model evaluations), written
+after every finished episode so an interrupted run keeps its results, and up to ``n_videos`` mp4
+files. An env that raises ends only its own episode, recorded with its ``error``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+from tqdm import tqdm
+
+import envs
+from policy_accel.control.batch import BatchController
+from policy_accel.control.controller import latency_stats
+from policy_accel.eval.config import EvalConfig, SamplerConfig
+from policy_accel.eval.guard import EpisodeGuard
+from policy_accel.policies.loading import load_policy
+
+
+def _make_guarded(name: str, obs: str | None, kwargs: dict) -> EpisodeGuard:
+    return EpisodeGuard(functools.partial(envs.make, name, obs=obs, **kwargs))
+
+
+def make_vector_env(config: EvalConfig, size: int, env_factory=None) -> gym.vector.VectorEnv:
+    kwargs = dict(config.env.kwargs)
+    if config.env.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = config.env.max_episode_steps
+    factory = env_factory or functools.partial(
+        _make_guarded, config.env.name, config.env.obs, kwargs
+    )
+    fns = [factory] * size
+    if config.runtime.vector == "sync" or size == 1:
+        return SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+    return AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+
+
+def _row(obs: Any, row: int) -> Any:
+    if isinstance(obs, dict):
+        return {key: value[row] for key, value in obs.items()}
+    return obs[row]
+
+
+def _set_rows(target: Any, source: Any, rows: np.ndarray) -> Any:
+    if isinstance(target, dict):
+        for key in target:
+            target[key][rows] = source[key][rows]
+        return target
+    target[rows] = source[rows]
+    return target
+
+
+def _info_value(info: dict, key: str, row: int, default=None):
+    if key in info and info.get(f"_{key}", np.ones(len(info[key]), bool))[row]:
+        return info[key][row]
+    return default
+
+
+class _Episode:
+    def __init__(self, seed: int, record: bool) -> None:
+        self.seed = seed
+        self.record = record
+        self.sum_reward = 0.0
+        self.max_reward = 0.0
+        self.coverage: float | None = None
+        self.success = False
+        self.steps = 0
+        self.error: str | None = None
+        self.plans: list[int] = []
+
+    def result(self, records) -> dict:
+        mine = [records[i] for i in self.plans]
+        out = {
+            "seed": self.seed,
+            "sum_reward": self.sum_reward,
+            "max_reward": self.max_reward,
+            "success": self.success,
+            "steps": self.steps,
+            "replans": len(mine),
+            "rounds_mean": float(np.mean([r.rounds for r in mine])) if mine else 0.0,
+            "latency_ms_p50": float(np.median([r.latency_ms for r in mine])) if mine else 0.0,
+        }
+        if self.coverage is not None:
+            out["coverage"] = self.coverage
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def aggregate(per_episode: list[dict]) -> dict[str, float]:
+    """``pc_success``, ``avg_sum_reward``, ``avg_max_reward``, DP's ``mean_score`` (errored
+    episodes excluded and counted)."""
+    done = [e for e in per_episode if "error" not in e]
+    if not done:
+        return {"n_episodes": 0, "n_errors": len(per_episode)}
+    return {
+        "n_episodes": len(done),
+        "n_errors": len(per_episode) - len(done),
+        "pc_success": 100.0 * float(np.mean([e["success"] for e in done])),
+        "avg_sum_reward": float(np.mean([e["sum_reward"] for e in done])),
+        "avg_max_reward": float(np.mean([e["max_reward"] for e in done])),
+        "mean_score": float(np.mean([e["max_reward"] for e in done])),
+    }
+
+
+def rollout(
+    config: EvalConfig,
+    sampler: SamplerConfig,
+    policy=None,
+    video_dir: Path | None = None,
+    on_episode=None,
+    env_factory=None,
+    progress: bool = True,
+) -> dict:
+    """Run ``eval.n_episodes`` episodes with ``sampler``; returns eval_info (no files but
+    videos)."""
+    policy = policy or load_policy(config.policy.path, device=config.policy.device)
+    seeds = [config.env.first_seed + i for i in range(config.eval.n_episodes)]
+    size = min(config.eval.batch_size, len(seeds))
+    vector = make_vector_env(config, size, env_factory)
+    controller = BatchController(
+        policy,
+        seeds[:size],
+        method=sampler.method,
+        warm_start=sampler.warm_start,
+        noise_seed=config.eval.noise_seed,
+        **sampler.options,
+    )
+    n_act = policy.n_action_steps
+    delay_setting = config.runtime.inference_delay_steps
+    pending = list(seeds)
+    episodes: list[_Episode | None] = [None] * size
+    finished: list[dict] = []
+    videos_left = config.eval.n_videos
+    bar = tqdm(total=len(seeds), desc=f"eval {sampler.label}", unit="ep", disable=not progress)
+
+    def start(rows: np.ndarray) -> Any:
+        nonlocal videos_left
+        seeds_now = [None] * size
+        for row in np.flatnonzero(rows):
+            seed = pending.pop(0)
+            record = videos_left > 0 and video_dir is not None
+            videos_left -= int(record)
+            episodes[row] = _Episode(seed, record)
+            controller.reseed(row, seed)
+            seeds_now[row] = seed
+        for row in np.flatnonzero(rows):
+            _call_one(vector, row, "set_recording", episodes[row].record)
+        obs, info = vector.reset(seed=seeds_now, options={"reset_mask": rows})
+        for row in np.flatnonzero(rows):
+            error = _info_value(info, "error", row)
+            if error is not None:
+                episodes[row].error = str(error)
+        return obs
+
+    def finish(row: int) -> None:
+        episode = episodes[row]
+        if episode.record and video_dir is not None:
+            frames = _call_one(vector, row, "take_frames")
+            if frames:
+                write_video(video_dir / f"episode_{episode.seed}.mp4", frames, config)
+        result = episode.result(controller.records)
+        finished.append(result)
+        episodes[row] = None
+        bar.update(1)
+        if on_episode is not None:
+            on_episode(finished)
+
+    try:
+        first = np.zeros(size, dtype=bool)
+        first[: min(size, len(pending))] = True
+        obs = start(first)
+        new_episode = first.copy()
+        previous_future: np.ndarray | None = None
+        executed = 0
+        while any(e is not None for e in episodes):
+            for row in range(size):  # episodes whose reset failed end at once
+                if episodes[row] is not None and episodes[row].error is not None:
+                    finish(row)
+            live = np.array([e is not None for e in episodes])
+            if not live.any():
+                if not pending:
+                    break
+                obs = start(np.ones(size, dtype=bool) & (np.arange(size) < len(pending)))
+                new_episode = np.array([e is not None for e in episodes])
+                continue
+            controller.observe(obs, new_episode)
+            future = controller.plan(new_episode, executed)
+            plan_index = len(controller.records) - 1
+            for row in np.flatnonzero(live):
+                episodes[row].plans.append(plan_index)
+            if delay_setting == "auto":
+                latency_s = controller.records[-1].latency_ms / 1e3
+                delay = math.ceil(latency_s * config.runtime.control_hz)
+            else:
+                delay = int(delay_setting)
+            delay = min(delay, future.shape[1] - n_act)
+            actions = future[:, :n_act].copy()
+            if delay > 0 and previous_future is not None:
+                held = ~new_episode
+                actions[held, :delay] = previous_future[held, n_act : n_act + delay]
+            previous_future = future
+            done_rows = np.zeros(size, dtype=bool)
+            for k in range(n_act):
+                obs_k, reward, _, _, info = vector.step(actions[:, k])
+                for row in np.flatnonzero(live & ~done_rows):
+                    episode = episodes[row]
+                    episode.steps += 1
+                    episode.sum_reward += float(reward[row])
+                    score = _info_value(info, "score", row, reward[row])
+                    episode.max_reward = max(episode.max_reward, float(score))
+                    coverage = _info_value(info, "coverage", row)
+                    if coverage is not None:
+                        episode.coverage = max(episode.coverage or 0.0, float(coverage))
+                    error = _info_value(info, "error", row)
+                    if error is not None:
+                        episode.error = str(error)
+                    if _info_value(info, "done", row, False):
+                        episode.success = bool(_info_value(info, "is_success", row, False))
+                        done_rows[row] = True
+                obs = obs_k  # rows whose episode ended repeat their last observation
+                if (done_rows | ~live).all():
+                    break
+            executed = n_act
+            for row in np.flatnonzero(done_rows):
+                finish(row)
+            restart = np.zeros(size, dtype=bool)
+            for row in np.flatnonzero(done_rows)[: len(pending)]:
+                restart[row] = True
+            new_episode = restart
+            if restart.any():
+                obs = _set_rows(obs, start(restart), restart)
+    finally:
+        bar.close()
+        vector.close()
+    finished.sort(key=lambda e: e["seed"])
+    return {
+        "sampler": asdict(sampler),
+        "aggregated": aggregate(finished),
+        "latency": latency_stats(controller.records),
+        "per_episode": finished,
+    }
+
+
+def _call_one(vector: gym.vector.VectorEnv, row: int, name: str, *args):
+    """Call a method of one sub-env (gymnasium's ``call`` addresses all of them)."""
+    if isinstance(vector, SyncVectorEnv):
+        return getattr(vector.envs[row], name)(*args)
+    pipe = vector.parent_pipes[row]
+    pipe.send(("_call", (name, args, {})))
+    result, success = pipe.recv()
+    if not success:
+        raise RuntimeError(f"env {row}: {name} failed: {result}")
+    return result
+
+
+def write_video(path: Path, frames: list[np.ndarray], config: EvalConfig) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fps = max(int(round(config.runtime.control_hz)), 1)
+    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1) as writer:
+        for frame in frames:
+            writer.append_data(np.asarray(frame, dtype=np.uint8))
+
+
+def paired_difference(a: list[dict], b: list[dict]) -> dict[str, float]:
+    """Success of ``a`` minus ``b`` on the seeds both finished, with a 95% normal-approximation
+    confidence interval of the paired mean difference."""
+    by_seed = {e["seed"]: e for e in b if "error" not in e}
+    pairs = [
+        (float(e["success"]), float(by_seed[e["seed"]]["success"]))
+        for e in a
+        if "error" not in e and e["seed"] in by_seed
+    ]
+    if not pairs:
+        return {"n": 0}
+    d = np.array([x - y for x, y in pairs])
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    mean = float(d.mean())
+    return {"n": len(d), "diff": mean, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def output_directory(config: EvalConfig, name: str) -> Path:
+    now = datetime.now()
+    return Path(config.eval.output_dir) / now.strftime("%Y-%m-%d") / f"{now:%H-%M-%S}_{name}"
+
+
+def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tuple[dict, Path]:
+    """The whole ``policy-accel eval`` run: one sampler, or several in compare mode."""
+    torch.set_num_threads(config.runtime.threads)
+    policy = load_policy(config.policy.path, device=config.policy.device)
+    samplers = [config.sampler, *config.compare_samplers]
+    name = config.eval.name or f"{config.env.name.replace('/', '_')}_{config.sampler.label}"
+    directory = output_directory(config, name)
+    directory.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {
+        "name": name,
+        "policy": config.policy.path,
+        "env": asdict(config.env),
+        "runtime": asdict(config.runtime),
+        "eval": asdict(config.eval),
+        "torch_threads": config.runtime.threads,
+    }
+    runs = []
+
+    def save(partial: list[dict] | None = None, label: str | None = None) -> None:
+        snapshot = dict(info)
+        snapshot["runs"] = runs + (
+            [{"sampler": label, "partial": True, "per_episode": partial}] if partial else []
+        )
+        tmp = directory / "eval_info.json.tmp"
+        tmp.write_text(json.dumps(snapshot, indent=2, default=float))
+        tmp.replace(directory / "eval_info.json")
+
+    for sampler in samplers:
+        run = rollout(
+            config,
+            sampler,
+            policy=policy,
+            video_dir=directory / "videos" / sampler.label if config.eval.n_videos else None,
+            on_episode=lambda done, label=sampler.label: save(done, label),
+            env_factory=env_factory,
+            progress=progress,
+        )
+        runs.append(run)
+        save()
+    first = runs[0]
+    info["aggregated"] = first["aggregated"]
+    info["latency"] = first["latency"]
+    info["per_episode"] = first["per_episode"]
+    info["runs"] = runs
+    if len(runs) > 1:
+        info["compare"] = [
+            {
+                "sampler": run["sampler"]["name"] or run["sampler"]["method"],
+                **run["aggregated"],
+                "rounds_mean": run["latency"].get("rounds_mean"),
+                "latency_ms_p50": run["latency"].get("latency_ms_p50"),
+                "success_diff_vs_first": paired_difference(
+                    run["per_episode"], first["per_episode"]
+                ),
+            }
+            for run in runs
+        ]
+    tmp = directory / "eval_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=float))
+    tmp.replace(directory / "eval_info.json")
+    return info, directory
