@@ -66,6 +66,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from policy_accel.control.server import serve
+    from policy_accel.sampling.errors import SolverOptionError
+
+    options = {} if args.tolerance is None else {"tolerance": args.tolerance}
+
+    def announce(port: int) -> None:
+        print(f"serving {args.checkpoint} on ws://{args.host}:{port} (GET /healthz)", flush=True)
+
+    try:
+        serve(
+            args.checkpoint,
+            host=args.host,
+            port=args.port,
+            method=args.method,
+            warm_start=args.warm_start,
+            budget_ms=args.budget_ms,
+            max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+            device=args.device,
+            max_workers=args.workers,
+            on_start=announce,
+            **options,
+        )
+    except SolverOptionError as error:
+        print(f"policy-accel serve: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="policy-accel", description="policy_accel tools")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     train.add_argument("--device", default="cpu")
     train.set_defaults(run=_train)
+
+    serve = commands.add_parser(
+        "serve", help="serve a policy over websockets (openpi protocol), one Controller per client"
+    )
+    serve.add_argument("checkpoint", help="a checkpoint load_policy reads (.ckpt, directory)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--method", default="picard", help="solver (sequential, picard, ...)")
+    serve.add_argument(
+        "--no-warm-start", dest="warm_start", action="store_false", help="cold solves only"
+    )
+    serve.add_argument("--budget-ms", type=float, default=None, help="per-plan time budget")
+    serve.add_argument("--tolerance", type=float, default=None, help="solver tolerance")
+    serve.add_argument(
+        "--max-message-mb", type=float, default=8.0, help="largest request decoded (MiB)"
+    )
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--workers", type=int, default=4, help="threads that run plans")
+    serve.set_defaults(run=_serve)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -1,0 +1,329 @@
+"""The policy server and client: openpi's client drives the server unchanged, actions over the
+wire equal a local Controller's, resets, malformed requests never disturb an episode, concurrent
+clients, ``/healthz``, the CLI wiring and the wire format."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from policy_accel import cli
+from policy_accel.control import Controller, PolicyClient, PolicyServer, ServerError, WireError
+from policy_accel.control import server as server_module
+from policy_accel.control.wire import RESET_KEY, pack, unpack
+
+PICARD = {"method": "picard", "tolerance": 1e-4, "seed": 3}
+SEQUENTIAL = {"method": "sequential", "seed": 5}
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def observations(seed: int, n: int) -> list[np.ndarray]:
+    """PushT keypoint observations (20 coordinates in the workspace's pixel range)."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.0, 512.0, 20).astype(np.float32) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def picard_server(tiny_pusht_policy):
+    server = PolicyServer(
+        tiny_pusht_policy,
+        host="127.0.0.1",
+        port=0,
+        max_workers=2,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        **PICARD,
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sequential_server(tiny_pusht_policy):
+    server = PolicyServer(
+        tiny_pusht_policy,
+        host="127.0.0.1",
+        port=0,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        **SEQUENTIAL,
+    )
+    with server:
+        yield server
+
+
+# --- protocol ---------------------------------------------------------------------------------
+
+
+# openpi-client 0.1.2 calls websockets' connect() directly, which websockets 17.1 deprecates
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+def test_openpi_client_drives_the_server_unchanged(picard_server):
+    websocket_client_policy = pytest.importorskip(
+        "openpi_client.websocket_client_policy",
+        reason="openpi-client is not installed (`make` installs it with --no-deps)",
+    )
+    client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", picard_server.port)
+    try:
+        metadata = client.get_server_metadata()
+        assert metadata["protocol"] == "openpi"
+        assert metadata["observation_spec"] == {"obs": [20]}
+        assert (metadata["action_dim"], metadata["n_action_steps"]) == (2, 8)
+        assert metadata["reset_key"] == RESET_KEY
+        first, second = (client.infer({"obs": obs}) for obs in observations(0, 2))
+        for reply in (first, second):
+            assert reply["actions"].shape == (8, 2) and reply["actions"].dtype == np.float32
+            assert reply["server_timing"]["infer_ms"] > 0
+            assert set(reply["policy_timing"]) >= {"infer_ms", "rounds", "model_evals", "warm"}
+        assert "prev_total_ms" not in first["server_timing"]  # as openpi: no previous request
+        assert second["server_timing"]["prev_total_ms"] > 0
+        assert second["policy_timing"]["warm"]
+        with pytest.raises(RuntimeError, match=r"expected \(20,\)"):  # openpi's text-frame error
+            client.infer({"obs": np.zeros(3, np.float32)})
+        assert client.infer({"obs": observations(1, 1)[0]})["actions"].shape == (8, 2)
+    finally:
+        client._ws.close()  # the openpi client has no close()
+
+
+def test_actions_over_the_wire_equal_a_local_controller(tiny_pusht_policy, picard_server):
+    local = Controller(tiny_pusht_policy, **PICARD)
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        for obs in observations(2, 5):
+            np.testing.assert_array_equal(client.infer({"obs": obs})["actions"], local.plan(obs))
+
+
+def test_a_new_connection_and_the_reset_key_start_a_new_episode(tiny_pusht_policy, picard_server):
+    first_obs, *rest = observations(3, 4)
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        for obs in (first_obs, *rest):
+            client.infer({"obs": obs})
+    local = Controller(tiny_pusht_policy, **PICARD)
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        first = client.infer({"obs": first_obs})
+        assert not first["policy_timing"]["warm"]  # fresh history, fresh noise, cold solve
+        np.testing.assert_array_equal(first["actions"], local.plan(first_obs))
+        client.infer({"obs": rest[0]})
+        local.plan(rest[0])
+
+        assert client.reset() == {"reset": True}
+        local.reset()  # the generator continues its stream on both sides
+        np.testing.assert_array_equal(
+            client.infer({"obs": rest[1]})["actions"], local.plan(rest[1])
+        )
+
+        reply = client.infer({"obs": rest[2], RESET_KEY: True})  # reset, then plan
+        local.reset()
+        assert reply["reset"] and not reply["policy_timing"]["warm"]
+        np.testing.assert_array_equal(reply["actions"], local.plan(rest[2]))
+
+
+# --- robustness -------------------------------------------------------------------------------
+
+
+def _array_marker(dtype: str, data: bytes, shape: list) -> dict:
+    return {b"__ndarray__": True, b"data": data, b"dtype": dtype, b"shape": shape}
+
+
+def _malformed_requests(rng: np.random.Generator, good: np.ndarray) -> list[bytes | str]:
+    """One request of every kind the server must refuse (each answered with a text frame)."""
+    packed = pack({"obs": good})
+    nan, inf = good.copy(), good.copy()
+    nan[int(rng.integers(20))], inf[0] = np.nan, np.inf
+    return [
+        rng.bytes(int(rng.integers(1, 64))),  # random bytes
+        packed[: int(rng.integers(1, len(packed)))],  # truncated msgpack
+        packed + b"\x01",  # trailing data
+        "text frame",
+        pack([1, 2, 3]),
+        pack(7),
+        pack({}),
+        pack({"state": good}),
+        pack({"obs": good, "goal": good}),
+        pack({"obs": good[:19]}),
+        pack({"obs": np.stack([good, good])}),
+        pack({"obs": nan}),
+        pack({"obs": inf}),
+        pack({"obs": good.astype(np.float64) * 1e300}),  # overflows float32
+        pack({"obs": np.array(["x"] * 20)}),
+        pack({"obs": np.ones(20, dtype=bool)}),
+        pack({"obs": good.tolist()}),
+        pack({RESET_KEY: "yes", "obs": good}),
+        msgpack.packb({"obs": _array_marker("|O", b"\0" * 160, [20])}),
+        msgpack.packb({"obs": _array_marker("<c8", b"\0" * 160, [20])}),
+        msgpack.packb({"obs": _array_marker("|V8", b"\0" * 160, [20])}),
+        msgpack.packb({"obs": _array_marker("<f4", b"\0" * 40, [20])}),  # length mismatch
+        msgpack.packb({"obs": _array_marker("<f4", b"\0" * 80, [10**12])}),  # huge shape
+        msgpack.packb({"obs": _array_marker("nonsense", b"\0" * 80, [20])}),
+        pack({"obs": np.zeros(MAX_MESSAGE_BYTES // 4 + 1, np.float32)}),  # over the limit
+    ]
+
+
+def test_malformed_requests_never_disturb_the_episode(tiny_pusht_policy, sequential_server):
+    rng = np.random.default_rng(4)
+    good_observations = observations(5, 40)
+    local = Controller(tiny_pusht_policy, **SEQUENTIAL)
+    refused, planned = 0, 0
+    with connect(f"ws://127.0.0.1:{sequential_server.port}", max_size=None) as connection:
+        assert unpack(connection.recv(timeout=10))["protocol"] == "openpi"
+        for obs in good_observations:
+            for request in _malformed_requests(rng, obs):
+                connection.send(request)
+                reply = connection.recv(timeout=10)
+                assert isinstance(reply, str), f"{request[:40]!r} was not refused"
+                refused += 1
+            connection.send(pack({"obs": obs}))
+            reply = connection.recv(timeout=10)
+            assert isinstance(reply, bytes), reply
+            np.testing.assert_array_equal(unpack(reply)["actions"], local.plan(obs))
+            planned += 1
+    assert refused >= 1000 and planned == len(good_observations)
+    with PolicyClient("127.0.0.1", sequential_server.port) as client:  # still serving
+        assert client.infer({"obs": good_observations[0]})["actions"].shape == (8, 2)
+
+
+def test_refusals_name_the_problem_and_the_expected_shape(picard_server):
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        good = observations(6, 1)[0]
+        cases = [
+            ({"obs": good[:3]}, r"obs\['obs'\] has shape \(3,\), expected \(20,\)"),
+            ({"state": good}, r"missing key\(s\) \['obs'\] and unexpected key\(s\) \['state'\]"),
+            ({"obs": np.full(20, np.nan, np.float32)}, "NaN or Inf"),
+            ({"obs": np.array(["a"] * 20)}, "expected a real number array"),
+            ({"obs": np.zeros(MAX_MESSAGE_BYTES, np.uint8)}, "exceeds max_message_bytes"),
+        ]
+        for request, message in cases:
+            with pytest.raises(ServerError, match=message):
+                client.infer(request)
+        assert client.infer({"obs": good})["actions"].shape == (8, 2)
+
+
+def test_a_client_leaving_mid_request_does_not_hurt_the_server(picard_server):
+    with connect(f"ws://127.0.0.1:{picard_server.port}") as connection:
+        connection.recv(timeout=10)
+        connection.send(pack({"obs": observations(7, 1)[0]}))  # and leave before the reply
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        assert client.infer({"obs": observations(8, 1)[0]})["actions"].shape == (8, 2)
+
+
+def test_concurrent_clients_get_independent_streams(tiny_pusht_policy, picard_server):
+    streams = {seed: observations(seed, 4) for seed in (10, 11)}
+    replies: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(streams))
+
+    def run(seed: int) -> None:
+        try:
+            with PolicyClient("127.0.0.1", picard_server.port) as client:
+                barrier.wait(timeout=10)
+                replies[seed] = [client.infer({"obs": obs})["actions"] for obs in streams[seed]]
+        except BaseException as error:  # re-raised in the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in streams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    for seed, stream in streams.items():
+        local = Controller(tiny_pusht_policy, **PICARD)
+        for actions, obs in zip(replies[seed], stream, strict=True):
+            np.testing.assert_array_equal(actions, local.plan(obs))
+
+
+def test_healthz_answers_200(picard_server):
+    url = f"http://127.0.0.1:{picard_server.port}/healthz"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        assert response.read().strip() == b"OK"
+
+
+# --- client and command line ------------------------------------------------------------------
+
+
+def test_client_names_an_unreachable_server():
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        PolicyClient("127.0.0.1", port, timeout=5)
+
+
+def test_server_refuses_unknown_solver_options(tiny_pusht_policy):
+    with pytest.raises(TypeError, match="unknown option"):
+        PolicyServer(tiny_pusht_policy, port=0, method="sequential", tolerance=1e-3)
+
+
+def test_serve_command_passes_its_options(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        server_module, "serve", lambda *args, **kwargs: calls.append((args, kwargs))
+    )
+    argv = ["serve", "ckpt", "--port", "0", "--method", "taa", "--no-warm-start"]
+    argv += ["--budget-ms", "20", "--tolerance", "1e-3", "--max-message-mb", "1"]
+    assert cli.main(argv) == 0
+    ((args, kwargs),) = calls
+    assert args == ("ckpt",)
+    assert kwargs["port"] == 0 and kwargs["method"] == "taa" and kwargs["warm_start"] is False
+    assert kwargs["budget_ms"] == 20.0 and kwargs["tolerance"] == 1e-3
+    assert kwargs["max_message_bytes"] == 1024 * 1024
+
+
+# --- wire format ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(6, dtype=np.float32).reshape(2, 3),
+        np.arange(24, dtype=">i8").reshape(2, 3, 4),
+        np.zeros((0, 5), np.float64),
+        np.array(2.5, np.float16),
+        np.array([True, False]),
+        np.array(["ab", "c"]),
+        np.arange(12, dtype=np.uint8).reshape(3, 4).T,  # not contiguous
+        np.float32(1.5),
+        np.int64(-3),
+        np.bool_(True),
+    ],
+    ids=repr,
+)
+def test_wire_round_trips_arrays_and_scalars(value):
+    decoded = unpack(pack({"x": value, "nested": [value, {"y": value}]}))
+    for item in (decoded["x"], decoded["nested"][0], decoded["nested"][1]["y"]):
+        assert type(item) is type(value) and item.dtype == value.dtype
+        assert np.shape(item) == np.shape(value)
+        np.testing.assert_array_equal(item, value)
+
+
+def test_wire_matches_openpi_msgpack_numpy_byte_for_byte():
+    msgpack_numpy = pytest.importorskip("openpi_client.msgpack_numpy")
+    message = {"obs": np.arange(20, dtype=np.float32), "step": np.int32(4), "text": "hi"}
+    assert pack(message) == msgpack_numpy.packb(message)
+    np.testing.assert_array_equal(unpack(msgpack_numpy.packb(message))["obs"], message["obs"])
+
+
+@pytest.mark.parametrize("dtype", ["|O", "<c8", "<c16", "|V4", "f4,i4"])
+def test_wire_refuses_object_void_and_complex_dtypes(dtype):
+    itemsize = np.dtype(dtype).itemsize
+    with pytest.raises(WireError, match=r"message\['x'\]\['y'\] has dtype"):
+        unpack(msgpack.packb({"x": {"y": _array_marker(dtype, b"\0" * itemsize, [1])}}))
+    with pytest.raises(WireError, match=r"message\['x'\] has dtype"):
+        pack({"x": np.zeros(1, dtype)})
+
+
+def test_wire_refuses_a_length_that_does_not_match_the_shape():
+    with pytest.raises(WireError, match=r"shape \(3, 4\) of dtype <f4 needs 48 bytes, but 44"):
+        unpack(msgpack.packb({"x": _array_marker("<f4", b"\0" * 44, [3, 4])}))
+    with pytest.raises(WireError, match="needs 4000000000000 bytes"):
+        unpack(msgpack.packb({"x": _array_marker("<f4", b"\0" * 8, [10**12])}))
+
+
+def test_wire_refuses_malformed_msgpack_and_oversized_messages():
+    with pytest.raises(WireError, match="malformed msgpack"):
+        unpack(pack({"x": np.zeros(4)})[:-3])
+    with pytest.raises(WireError, match="exceeds the limit of 10 bytes"):
+        unpack(pack({"x": np.zeros(4)}), max_bytes=10)
