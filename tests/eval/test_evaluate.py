@@ -1,0 +1,147 @@
+"""policy-accel eval's engine: JSON layout, videos, compare mode, delays, failing envs."""
+
+import json
+
+import numpy as np
+import pytest
+
+import envs
+from policy_accel.eval.config import (
+    EnvConfig,
+    EvalConfig,
+    EvalSettings,
+    PolicyConfig,
+    RuntimeConfig,
+    SamplerConfig,
+    eval_config_from_dict,
+)
+from policy_accel.eval.evaluate import evaluate, paired_difference, rollout
+from policy_accel.eval.guard import EpisodeGuard
+
+
+def _config(policy, tmp_path, **eval_kwargs):
+    settings = {"n_episodes": 2, "batch_size": 2, "output_dir": str(tmp_path), **eval_kwargs}
+    return EvalConfig(
+        policy=PolicyConfig(path=policy.source),
+        env=EnvConfig(max_episode_steps=12, kwargs={"legacy_seeds": True}),
+        sampler=SamplerConfig(method="picard"),
+        runtime=RuntimeConfig(vector="sync"),
+        eval=EvalSettings(**settings),
+    )
+
+
+def test_two_episodes_write_eval_info_and_a_video(tiny_pusht_policy, tmp_path):
+    info, directory = evaluate(_config(tiny_pusht_policy, tmp_path, n_videos=1), progress=False)
+    saved = json.loads((directory / "eval_info.json").read_text())
+    assert directory.parent.parent == tmp_path  # outputs/eval/<date>/<time>_<name>
+    assert {"aggregated", "latency", "per_episode", "runs"} <= set(saved)
+    assert {"pc_success", "avg_sum_reward", "avg_max_reward", "mean_score"} <= set(
+        saved["aggregated"]
+    )
+    assert {"latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "rounds_mean"} <= set(
+        saved["latency"]
+    )
+    episodes = saved["per_episode"]
+    assert [e["seed"] for e in episodes] == [100000, 100001]
+    for episode in episodes:
+        assert {"sum_reward", "max_reward", "success", "coverage", "steps"} <= set(episode)
+        assert episode["steps"] == 12
+    videos = list((directory / "videos").rglob("*.mp4"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 1000
+
+
+def test_async_vector_env_gives_the_same_episodes_as_sync(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path)
+    sync = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    config.runtime.vector = "async"
+    spawned = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    for a, b in zip(sync["per_episode"], spawned["per_episode"], strict=True):
+        assert a["seed"] == b["seed"]
+        assert a["sum_reward"] == pytest.approx(b["sum_reward"], abs=1e-6)
+
+
+class FailsOnSeed(EpisodeGuard):
+    """A PushT env whose episode with seed 100001 raises at its 5th step."""
+
+    def __init__(self):
+        super().__init__(lambda: envs.make("pusht", max_episode_steps=12, legacy_seeds=True))
+
+    def reset(self, *, seed=None, options=None):
+        self.seed, self.count = seed, 0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        self.count += 1
+        if self.seed == 100001 and self.count == 5:
+            self.env.step = lambda _: (_ for _ in ()).throw(RuntimeError("simulator exploded"))
+        return super().step(action)
+
+
+def test_an_env_that_raises_keeps_the_other_episodes(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=3)
+    info, directory = evaluate(config, progress=False, env_factory=FailsOnSeed)
+    episodes = {e["seed"]: e for e in info["per_episode"]}
+    assert set(episodes) == {100000, 100001, 100002}
+    assert "simulator exploded" in episodes[100001]["error"]
+    assert "error" not in episodes[100000] and episodes[100000]["steps"] == 12
+    assert episodes[100002]["steps"] == 12  # the row was reused after the failure
+    assert info["aggregated"]["n_errors"] == 1 and info["aggregated"]["n_episodes"] == 2
+
+
+def test_compare_mode_reports_paired_success_differences(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path)
+    config.compare_samplers = [SamplerConfig(method="sequential", warm_start=False, name="seq")]
+    info, _ = evaluate(config, progress=False)
+    rows = info["compare"]
+    assert [r["sampler"] for r in rows] == ["picard", "seq"]
+    assert rows[1]["success_diff_vs_first"]["n"] == 2
+    assert rows[1]["rounds_mean"] == 10  # the tiny policy's 10-step DDPM
+
+
+class RecordsActions(EpisodeGuard):
+    actions: list = []
+
+    def __init__(self):
+        super().__init__(lambda: envs.make("pusht", max_episode_steps=12, legacy_seeds=True))
+
+    def step(self, action):
+        RecordsActions.actions.append(np.array(action))
+        return super().step(action)
+
+
+def _executed(config, policy, delay):
+    config.runtime.inference_delay_steps = delay
+    RecordsActions.actions = []
+    rollout(config, config.sampler, policy=policy, env_factory=RecordsActions, progress=False)
+    return np.array(RecordsActions.actions)
+
+
+def test_inference_delay_holds_the_previous_chunk(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    plain = _executed(config, tiny_pusht_policy, 0)
+    delayed = _executed(config, tiny_pusht_policy, 3)
+    assert len(plain) == len(delayed) == 12
+    np.testing.assert_array_equal(plain[:8], delayed[:8])  # the first plan has nothing to hold
+    assert not np.allclose(plain[8:11], delayed[8:11])  # held: the first plan's actions 8..10
+    assert len(_executed(config, tiny_pusht_policy, "auto")) == 12
+
+
+def test_paired_difference_confidence_interval():
+    a = [{"seed": i, "success": i % 2 == 0} for i in range(10)]
+    b = [{"seed": i, "success": False} for i in range(10)]
+    result = paired_difference(a, b)
+    assert result["n"] == 10 and result["diff"] == pytest.approx(0.5)
+    assert result["ci95_low"] < 0.5 < result["ci95_high"]
+
+
+def test_config_errors_name_the_bad_key():
+    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['n_episode'\\] in eval"):
+        eval_config_from_dict({"eval": {"n_episode": 3}})
+    with pytest.raises(ValueError, match="inference_delay_steps"):
+        eval_config_from_dict({"runtime": {"inference_delay_steps": -1}})
+    with pytest.raises(ValueError, match="has no config"):
+        eval_config_from_dict({"eval": {"compare": ["warp"]}}, samplers={})
+    config = eval_config_from_dict(
+        {"sampler": {"method": "newton", "options": {"tolerance": 1e-4}}}
+    )
+    assert config.sampler.options == {"tolerance": 1e-4} and np.isclose(config.env.first_seed, 1e5)
