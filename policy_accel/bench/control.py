@@ -83,6 +83,43 @@ def run_configuration(
     }
 
 
+def server_overhead(
+    policy, env_name: str, env_kwargs: dict, seed: int, method: str = "picard", steps: int = 200
+) -> dict:
+    """Round-trip time over loopback minus the server's own inference time, per request, for a
+    closed-loop episode driven through the websocket server and our client."""
+    from policy_accel.control import PolicyClient, PolicyServer
+
+    env = envs.make(env_name, **env_kwargs)
+    overhead, total = [], []
+    with PolicyServer(policy, host="127.0.0.1", port=0, method=method) as server:
+        with PolicyClient("127.0.0.1", server.port) as client:
+            obs, _ = env.reset(seed=seed)
+            key = next(iter(policy.observation_spec))
+            queue: list[np.ndarray] = []
+            for _ in range(steps):
+                if not queue:
+                    start = time.perf_counter()
+                    reply = client.infer({key: np.asarray(obs, dtype=np.float32)})
+                    elapsed = (time.perf_counter() - start) * 1e3
+                    total.append(elapsed)
+                    overhead.append(elapsed - float(reply["server_timing"]["infer_ms"]))
+                    queue = list(reply["actions"])
+                obs, _, terminated, truncated, _ = env.step(queue.pop(0))
+                if terminated or truncated:
+                    obs, _ = env.reset(seed=seed + 1)
+                    client.reset()
+                    queue = []
+    env.close()
+    return {
+        "requests": len(overhead),
+        "overhead_ms_p50": float(np.percentile(overhead, 50)),
+        "overhead_ms_p99": float(np.percentile(overhead, 99)),
+        "round_trip_ms_p50": float(np.percentile(total, 50)),
+        "method": method,
+    }
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         f"{'method':>10} {'warm':>5} {'rounds':>7} {'p90':>5} {'p50 ms':>8} {'p99 ms':>8} "
@@ -147,8 +184,6 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     if args.server:
-        from policy_accel.bench.server import server_overhead
-
         report["server"] = server_overhead(policy, args.env, env_kwargs, seeds[0])
     print(format_table(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)
