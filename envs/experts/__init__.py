@@ -1,0 +1,1 @@
+"""Scripted experts that generate demonstrations for the tasks in :mod:`envs`."""
