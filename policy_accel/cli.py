@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -70,7 +73,14 @@ def _serve(args: argparse.Namespace) -> int:
     from policy_accel.control.server import serve
     from policy_accel.sampling.errors import SolverOptionError
 
-    options = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    method, warm_start, options = args.method, args.warm_start, {}
+    if args.sampler is not None:  # a sampler config, e.g. one written by `bench --budget-ms`
+        sampler = _load_sampler(args.sampler, args.config_dir)
+        method = sampler.get("method", method)
+        warm_start = bool(sampler.get("warm_start", warm_start)) and args.warm_start
+        options = dict(sampler.get("options") or {})
+    if args.tolerance is not None:
+        options["tolerance"] = args.tolerance
 
     def announce(port: int) -> None:
         print(f"serving {args.checkpoint} on ws://{args.host}:{port} (GET /healthz)", flush=True)
@@ -80,8 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
             args.checkpoint,
             host=args.host,
             port=args.port,
-            method=args.method,
-            warm_start=args.warm_start,
+            method=method,
+            warm_start=warm_start,
             budget_ms=args.budget_ms,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
             device=args.device,
@@ -92,6 +102,128 @@ def _serve(args: argparse.Namespace) -> int:
     except SolverOptionError as error:
         print(f"policy-accel serve: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _compose(config_name: str, overrides: list[str], config_dir: Path) -> dict:
+    """Compose ``config_name`` with hydra and return plain containers. ``policy=PATH`` naming a
+    checkpoint (not a config in ``policy/``) becomes ``policy.path=PATH``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    rewritten = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "policy" and not (config_dir / "policy" / f"{value}.yaml").is_file():
+            if not Path(value).exists():
+                known = sorted(p.stem for p in (config_dir / "policy").glob("*.yaml"))
+                raise ValueError(
+                    f"policy={value}: neither a config in {config_dir / 'policy'} ({known}) nor "
+                    "an existing checkpoint path."
+                )
+            override = f"policy.path={value}"
+        rewritten.append(override)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=config_name, overrides=rewritten)
+            return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        groups = {
+            group: sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+            for group in ("policy", "env", "sampler", "runtime")
+        }
+        raise ValueError(
+            f"cannot compose {config_name}: {error}. Config groups: {groups}"
+        ) from error
+
+
+def _load_sampler(name_or_path: str, config_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = config_dir / "sampler" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (config_dir / "sampler").glob("*.yaml"))
+        raise ValueError(f"sampler {name_or_path!r}: no such file or config (known: {known})")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def _sampler_configs(config_dir: Path) -> dict[str, dict]:
+    from omegaconf import OmegaConf
+
+    return {
+        path.stem: OmegaConf.to_container(OmegaConf.load(path))
+        for path in sorted((config_dir / "sampler").glob("*.yaml"))
+    }
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from policy_accel.eval.config import eval_config_from_dict
+    from policy_accel.eval.evaluate import evaluate
+
+    values = _compose("eval", args.overrides, args.config_dir)
+    config = eval_config_from_dict(values, _sampler_configs(args.config_dir))
+    info, directory = evaluate(config, progress=not args.quiet)
+    rows = info.get("compare") or [
+        {"sampler": config.sampler.label, **info["aggregated"], **info["latency"]}
+    ]
+    print(f"{'sampler':<18} {'success %':>9} {'score':>6} {'rounds':>7} {'p50 ms':>8}")
+    for row in rows:
+        print(
+            f"{row['sampler']:<18} {row.get('pc_success', float('nan')):9.1f} "
+            f"{row.get('mean_score', float('nan')):6.3f} {row.get('rounds_mean') or 0:7.1f} "
+            f"{row.get('latency_ms_p50') or 0:8.1f}"
+        )
+        diff = row.get("success_diff_vs_first")
+        if diff and diff.get("n") and row is not rows[0]:
+            print(
+                f"{'':<18} success vs {rows[0]['sampler']}: {diff['diff']:+.2f} "
+                f"(95% CI {diff['ci95_low']:+.2f} .. {diff['ci95_high']:+.2f}, n={diff['n']})"
+            )
+    print(f"wrote {directory / 'eval_info.json'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from policy_accel.bench.budget import SweepConfig, format_table, run_sweep
+    from policy_accel.policies.loading import load_policy
+
+    overrides = list(args.overrides)
+    if args.budget_ms is not None:
+        overrides.append(f"bench.budget_ms={args.budget_ms}")
+    values = _compose("bench", overrides, args.config_dir)
+    sweep = SweepConfig(**values["bench"])
+    env = values["env"]
+    env_kwargs = dict(env.get("kwargs") or {})
+    if env.get("max_episode_steps") is not None:
+        env_kwargs["max_episode_steps"] = env["max_episode_steps"]
+    if env.get("obs") is not None:
+        env_kwargs["obs"] = env["obs"]
+    policy = load_policy(values["policy"]["path"], device=values["policy"]["device"])
+    report = run_sweep(
+        policy,
+        env["name"],
+        env_kwargs,
+        sweep,
+        threads=values["runtime"]["threads"],
+        sampler_dir=args.config_dir / "sampler",
+    )
+    print(format_table(report["rows"]))
+    choice = report.get("choice")
+    if choice:
+        best, exact = choice["most_accurate_within_budget"], choice["fastest_exact"]
+        print(
+            f"budget {choice['budget_ms']:g} ms: most accurate within budget: "
+            f"{best['label'] if best else 'none fits'}; fastest exact: "
+            f"{exact['label'] if exact else 'none'}"
+        )
+        if "sampler_config" in report:
+            name = Path(report["sampler_config"]).stem
+            print(f"wrote {report['sampler_config']} (use sampler={name} with eval and serve)")
+    print(f"wrote {sweep.output_dir}/{sweep.name}.json, .csv and plots")
     return 0
 
 
@@ -155,8 +287,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--device", default="cpu")
     serve.add_argument("--workers", type=int, default=4, help="threads that run plans")
+    serve.add_argument(
+        "--sampler", default=None, help="a sampler config name in configs/sampler/ or a YAML path"
+    )
+    serve.add_argument("--config-dir", type=Path, default=CONFIGS, help="hydra config folder")
     serve.set_defaults(run=_serve)
-    args = parser.parse_args(argv)
+
+    for name, text in (
+        (
+            "eval",
+            "closed-loop rollouts with task reward (hydra overrides, e.g. env=pusht_keypoints)",
+        ),
+        ("bench", "latency-budget sweep of sampler configurations (hydra overrides)"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("overrides", nargs="*", help="hydra overrides: group=option, key=value")
+        sub.add_argument("--config-dir", type=Path, default=CONFIGS, help="hydra config folder")
+        if name == "eval":
+            sub.add_argument("--quiet", action="store_true", help="no progress bar")
+            sub.set_defaults(run=_eval)
+        else:
+            sub.add_argument("--budget-ms", type=float, default=None, help="latency budget")
+            sub.set_defaults(run=_bench)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # hydra overrides may come after flags: `eval --quiet env=pusht_image`
+        if getattr(args, "overrides", None) is None or any(
+            arg.startswith("-") or "=" not in arg for arg in extra
+        ):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
     except (OSError, ValueError) as error:
