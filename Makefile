@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m policy_accel.bench.solvers
+	$(BIN)/python -m policy_accel.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache
