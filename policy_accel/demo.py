@@ -59,10 +59,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "pusht_keypoints"))
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--max-steps", type=int, default=300, help="episode length limit")
     args = parser.parse_args(argv)
     config = EvalConfig(
         policy=PolicyConfig(path=args.checkpoint),
-        env=EnvConfig(name="pusht", obs="keypoints", kwargs={"legacy_seeds": True}),
+        env=EnvConfig(
+            name="pusht",
+            obs="keypoints",
+            max_episode_steps=args.max_steps,
+            kwargs={"legacy_seeds": True},
+        ),
         sampler=SamplerConfig(method="sequential", warm_start=False, name="sequential"),
         runtime=RuntimeConfig(vector="sync", threads=1),
         eval=EvalSettings(

@@ -1,0 +1,26 @@
+"""make demo's job on a tiny policy: both samplers run the same episodes; files are written."""
+
+from policy_accel import demo
+
+
+def test_demo_compares_samplers_and_writes_video_and_plot(tiny_pusht_policy, tmp_path, capsys):
+    info = demo.main(
+        [
+            "--checkpoint",
+            tiny_pusht_policy.source,
+            "--episodes",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "40",
+        ]
+    )
+    names = [run["sampler"]["name"] for run in info["runs"]]
+    assert names == ["sequential", "picard_warm"]
+    seeds = [[e["seed"] for e in run["per_episode"]] for run in info["runs"]]
+    assert seeds == [[100000], [100000]]
+    assert info["runs"][0]["latency"]["rounds_mean"] == 10
+    out = capsys.readouterr().out
+    assert "vs sequential" in out and "picard_warm" in out
+    assert len(list(tmp_path.rglob("*.mp4"))) == 2 and len(list(tmp_path.rglob("*.png"))) == 1
