@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--root", type=Path, default=CHECKPOINTS, help="checkpoints folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    available = shipped_checkpoints()
+    available = shipped_checkpoints(args.root)
     names = args.checkpoints or list(available)
     unknown = sorted(set(names) - set(available))
     if unknown:
