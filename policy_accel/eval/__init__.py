@@ -1,5 +1,6 @@
-"""Rollout evaluation of policies in the simulated tasks of :mod:`envs`."""
+"""Rollout evaluation of policies in the simulated tasks of :mod:`envs` (``policy-accel eval``)."""
 
-from policy_accel.eval.rollout import EpisodeResult, replan_noise, run_episodes, summarize
+from policy_accel.eval.config import EvalConfig, eval_config_from_dict
+from policy_accel.eval.evaluate import evaluate, rollout
 
-__all__ = ["EpisodeResult", "replan_noise", "run_episodes", "summarize"]
+__all__ = ["EvalConfig", "eval_config_from_dict", "evaluate", "rollout"]

@@ -60,6 +60,20 @@ def test_async_vector_env_gives_the_same_episodes_as_sync(tiny_pusht_policy, tmp
         assert a["sum_reward"] == pytest.approx(b["sum_reward"], abs=1e-6)
 
 
+def test_an_episode_sees_the_same_noise_alone_or_in_a_batch(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    config.env.first_seed = 100001
+    alone = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    config = _config(tiny_pusht_policy, tmp_path)  # seeds 100000 and 100001 together
+    together = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    a, b = alone["per_episode"][0], together["per_episode"][1]
+    assert a["seed"] == b["seed"] == 100001
+    assert a["sum_reward"] == pytest.approx(b["sum_reward"], abs=1e-6)
+    config.eval.noise_seed = 7
+    other = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    assert other["per_episode"][1]["sum_reward"] != pytest.approx(b["sum_reward"], abs=1e-9)
+
+
 class FailsOnSeed(EpisodeGuard):
     """A PushT env whose episode with seed 100001 raises at its 5th step."""
 
