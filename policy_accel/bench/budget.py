@@ -32,7 +32,6 @@ import envs
 from policy_accel.control import Controller
 from policy_accel.execution import make_executor
 from policy_accel.policies.base import Policy
-from policy_accel.sampling import sample
 
 
 @dataclass
@@ -120,11 +119,7 @@ def replay(policy: Policy, recording: Recording, setting: dict, warmup: int, see
     errors = []
     for index, history in enumerate(recording.histories):
         chunk = controller.replan(history=history, executed=recording.executed if index else 0)
-        x_T, noise = controller.last_noise
-        problem = policy.problem(controller._policy_obs(history), x_T=x_T, noise=noise)
-        exact = policy.decode(sample(problem, "sequential").sample)["action"][0]
-        exact = exact[: controller.n_action_steps].cpu().numpy()
-        errors.append(float(np.abs(chunk - exact).max()))
+        errors.append(float(np.abs(chunk - controller.reference_chunk(history)).max()))
     records = controller.records[warmup:] or controller.records
     latency = np.array([r.latency_ms for r in records])
     return {

@@ -26,21 +26,11 @@ import envs
 from policy_accel.bench.solvers import machine
 from policy_accel.control import Controller
 from policy_accel.policies.loading import load_policy
-from policy_accel.sampling import sample
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "pusht_keypoints"
 RESULTS = Path("benchmarks/results/control.json")
 METHODS = ("sequential", "paradigms", "picard", "taa", "srds", "newton")
-
-
-def _exact_chunk(controller: Controller) -> np.ndarray:
-    """The sequential sample of the controller's last problem (same history, same noise)."""
-    policy = controller.policy
-    x_T, noise = controller.last_noise
-    problem = policy.problem(controller._policy_obs(), x_T=x_T, noise=noise)
-    x0 = sample(problem, "sequential").sample
-    return policy.decode(x0)["action"][0, : controller.n_action_steps].cpu().numpy()
 
 
 def run_configuration(
@@ -56,7 +46,9 @@ def run_configuration(
             plans = len(controller.records)
             action = controller.act(obs)
             if len(controller.records) > plans and method != "sequential":
-                errors.append(float(np.abs(controller.last_chunk - _exact_chunk(controller)).max()))
+                errors.append(
+                    float(np.abs(controller.last_chunk - controller.reference_chunk()).max())
+                )
             obs, _, terminated, truncated, info = env.step(action)
             score = max(score, float(info.get("score", 0.0)))
             if terminated or truncated:

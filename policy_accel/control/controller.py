@@ -178,6 +178,17 @@ class Controller:
         runtime calls this from its planning thread with its own snapshot."""
         return self._replan(history, executed)
 
+    def reference_chunk(self, history: Any = None) -> np.ndarray:
+        """The sequential sampler's chunk for the last plan's observation ``history`` (default:
+        the Controller's own) and noise: the exact sample the last plan converges to, which
+        benchmarks compare solvers against."""
+        if self.last_noise is None:
+            raise RuntimeError("reference_chunk needs a plan first.")
+        x_T, noise = (t.to(self.policy.device) for t in self.last_noise)
+        problem = self.policy.problem(self._policy_obs(history), x_T=x_T, noise=noise)
+        x0 = sample(problem, "sequential", executor=self.executor).sample
+        return self.policy.decode(x0)["action"][0, : self.n_action_steps].cpu().numpy()
+
     def stats(self) -> dict[str, float]:
         """Latency p50/p95/p99, rounds, model evaluations, converged and warm fractions."""
         return latency_stats(self.records)

@@ -41,10 +41,20 @@ def test_history_repeats_the_first_observation_and_never_mutates_the_callers(
 
 
 def _sequential_chunk(policy, controller):
-    """The chunk sequential sampling gives for the controller's last observation and noise."""
+    """The chunk sequential sampling gives for the controller's last observation and noise,
+    computed here independently of ``Controller.reference_chunk``."""
     x_T, noise = controller.last_noise
     problem = policy.problem(controller._policy_obs(), x_T=x_T, noise=noise)
     return policy.decode(sample(problem, "sequential").sample)["action"][0].numpy()
+
+
+def test_reference_chunk_is_the_sequential_sample_of_the_last_plan(tiny_pusht_policy, env):
+    controller = Controller(tiny_pusht_policy, method="picard", tolerance=1e-6)
+    obs, _ = env.reset(seed=7)
+    chunk = controller.plan(obs)
+    expected = _sequential_chunk(tiny_pusht_policy, controller)
+    np.testing.assert_allclose(controller.reference_chunk(), expected, atol=1e-6)
+    np.testing.assert_allclose(chunk, expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["picard", "newton", "paradigms"])
