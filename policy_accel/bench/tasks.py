@@ -47,7 +47,13 @@ def shipped_checkpoints(root: Path = CHECKPOINTS) -> dict[str, dict]:
 
 
 def evaluate(
-    name: str, spec: dict, methods: list[str], episodes: int, batch_size: int, log=print
+    name: str,
+    spec: dict,
+    methods: list[str],
+    episodes: int,
+    batch_size: int,
+    limits: dict[str, int] | None = None,
+    log=print,
 ) -> dict:
     policy = load_policy(spec["path"])
     env_kwargs = dict(spec.get("env_kwargs", {}))
@@ -67,6 +73,7 @@ def evaluate(
     for method in methods:
         sampler = SamplerConfig(method=method, warm_start=method != "sequential")
         start = time.perf_counter()
+        config.eval.n_episodes = min(episodes, (limits or {}).get(method, episodes))
         run = rollout(config, sampler, policy=policy, progress=False)
         row = {
             "method": method,
@@ -108,12 +115,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=25, help="envs per batched replan")
+    parser.add_argument(
+        "--limit",
+        nargs="*",
+        default=[],
+        metavar="METHOD=N",
+        help="run METHOD on the first N seeds only (e.g. newton=10: its JVPs are costly on a CPU)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--root", type=Path, default=CHECKPOINTS, help="checkpoints folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     available = shipped_checkpoints(args.root)
+    limits = {}
+    for item in args.limit:
+        method, _, count = item.partition("=")
+        if method not in args.methods or not count.isdigit():
+            parser.error(f"--limit {item}: expected METHOD=N with METHOD among --methods")
+        limits[method] = int(count)
     names = args.checkpoints or list(available)
     unknown = sorted(set(names) - set(available))
     if unknown:
@@ -124,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": args.threads,
         "episodes": args.episodes,
         "results": [
-            evaluate(n, available[n], args.methods, args.episodes, args.batch_size) for n in names
+            evaluate(n, available[n], args.methods, args.episodes, args.batch_size, limits)
+            for n in names
         ],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

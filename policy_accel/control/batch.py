@@ -90,21 +90,26 @@ class BatchController:
         (key,) = self.policy.observation_spec
         return {key: np.asarray(obs)}
 
-    def observe(self, obs: Any, new_episode: np.ndarray) -> None:
-        """One observation per row (batched); rows flagged ``new_episode`` restart their
-        history with it repeated, as DiffusionPolicy pads after a reset."""
+    def start_rows(self, obs: Any, rows: np.ndarray) -> None:
+        """Rows ``rows`` start an episode with ``obs`` (batched; other rows ignored): their
+        history is that observation repeated, as DiffusionPolicy pads after a reset."""
         obs = self._as_dict(obs)
         steps = self.policy.n_obs_steps
         if self.history is None:
             self.history = {
                 key: np.repeat(value[:, None], steps, axis=1).copy() for key, value in obs.items()
             }
-            return
         for key, value in obs.items():
+            self.history[key][rows] = value[rows][:, None]
+
+    def observe(self, obs: Any) -> None:
+        """One new observation per row (batched), after each env step."""
+        if self.history is None:
+            raise RuntimeError("BatchController.observe before start_rows().")
+        for key, value in self._as_dict(obs).items():
             hist = self.history[key]
             hist[:, :-1] = hist[:, 1:]
             hist[:, -1] = value
-            hist[new_episode] = value[new_episode][:, None]
 
     # -- planning -----------------------------------------------------------------------------
     def _fresh(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +125,7 @@ class BatchController:
         enabled) after ``executed`` steps. Returns the predicted future ``(B, H - start, Da)``
         (its first ``n_action_steps`` are the chunk to execute)."""
         if self.history is None:
-            raise RuntimeError("BatchController.plan before observe().")
+            raise RuntimeError("BatchController.plan before start_rows().")
         begin = time.perf_counter()
         new_episode = np.asarray(new_episode, dtype=bool)
         can_warm = (

@@ -208,7 +208,8 @@ def rollout(
                 obs = start(np.ones(size, dtype=bool) & (np.arange(size) < len(pending)))
                 new_episode = np.array([e is not None for e in episodes])
                 continue
-            controller.observe(obs, new_episode)
+            if new_episode.any():
+                controller.start_rows(obs, new_episode)
             future = controller.plan(new_episode, executed)
             plan_index = len(controller.records) - 1
             for row in np.flatnonzero(live):
@@ -243,6 +244,7 @@ def rollout(
                         episode.success = bool(_info_value(info, "is_success", row, False))
                         done_rows[row] = True
                 obs = obs_k  # rows whose episode ended repeat their last observation
+                controller.observe(obs)  # the history holds consecutive steps, as in training
                 if (done_rows | ~live).all():
                     break
             executed = n_act

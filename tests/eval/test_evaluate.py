@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import envs
+from policy_accel.control import Controller
 from policy_accel.eval.config import (
     EnvConfig,
     EvalConfig,
@@ -128,6 +129,23 @@ def _executed(config, policy, delay):
     RecordsActions.actions = []
     rollout(config, config.sampler, policy=policy, env_factory=RecordsActions, progress=False)
     return np.array(RecordsActions.actions)
+
+
+def test_rollout_acts_exactly_as_a_controller_with_the_same_noise(tiny_pusht_policy, tmp_path):
+    # the batched engine must keep the same consecutive-step history as the Controller
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    config.sampler = SamplerConfig(method="sequential", warm_start=False)
+    executed = _executed(config, tiny_pusht_policy, 0)
+    controller = Controller(
+        tiny_pusht_policy, method="sequential", warm_start=False, seed=100000
+    )  # noise_seed 0: the row's stream is seeded by its seed
+    env = envs.make("pusht", max_episode_steps=12, legacy_seeds=True)
+    obs, _ = env.reset(seed=100000)
+    expected = []
+    for _ in range(12):
+        expected.append(controller.act(obs))
+        obs, *_ = env.step(expected[-1])
+    np.testing.assert_allclose(executed, np.array(expected), atol=1e-5)
 
 
 def test_inference_delay_holds_the_previous_chunk(tiny_pusht_policy, tmp_path):
