@@ -54,6 +54,7 @@ def evaluate(
     batch_size: int,
     limits: dict[str, int] | None = None,
     log=print,
+    on_row=None,
 ) -> dict:
     policy = load_policy(spec["path"])
     env_kwargs = dict(spec.get("env_kwargs", {}))
@@ -70,6 +71,15 @@ def evaluate(
         eval=EvalSettings(n_episodes=episodes, batch_size=batch_size),
     )
     rows, reference = [], None
+    result = {
+        "checkpoint": name,
+        "env": spec["env"],
+        "obs": spec.get("obs"),
+        "seeds": [spec["eval_seed"], spec["eval_seed"] + episodes - 1],
+        "batch_size": batch_size,
+        "num_inference_steps": policy.num_inference_steps,
+        "rows": rows,
+    }
     for method in methods:
         sampler = SamplerConfig(method=method, warm_start=method != "sequential")
         start = time.perf_counter()
@@ -98,15 +108,9 @@ def evaluate(
             f"(p90 {row['rounds_p90']:.0f})  {row['wall_s']:6.1f} s",
             flush=True,
         )
-    return {
-        "checkpoint": name,
-        "env": spec["env"],
-        "obs": spec.get("obs"),
-        "seeds": [spec["eval_seed"], spec["eval_seed"] + episodes - 1],
-        "batch_size": batch_size,
-        "num_inference_steps": policy.num_inference_steps,
-        "rows": rows,
-    }
+        if on_row is not None:
+            on_row(result)  # finished solvers are kept if a later one is interrupted
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,13 +147,22 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "torch_threads": args.threads,
         "episodes": args.episodes,
-        "results": [
-            evaluate(n, available[n], args.methods, args.episodes, args.batch_size, limits)
-            for n in names
-        ],
+        "limits": limits,
+        "results": [],
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+
+    def save(partial: dict | None = None) -> None:
+        results = report["results"] + ([partial] if partial is not None else [])
+        args.output.write_text(json.dumps({**report, "results": results}, indent=2))
+
+    for n in names:
+        report["results"].append(
+            evaluate(
+                n, available[n], args.methods, args.episodes, args.batch_size, limits, on_row=save
+            )
+        )
+        save()
     print(f"wrote {args.output}")
     return report
 
