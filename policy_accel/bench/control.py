@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         env_kwargs["legacy_seeds"] = True
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
     rows = []
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         for warm in (False, True) if method != "sequential" else (False,):
             start = time.perf_counter()
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"max err {row['max_action_error']:.1e}",
                 flush=True,
             )
+            # finished configurations survive an interrupted run
+            args.output.write_text(json.dumps({"partial": True, "rows": rows}, indent=2))
     reference = next((r for r in rows if r["method"] == "sequential"), None)
     for row in rows:
         if reference is not None:
@@ -178,7 +181,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.server:
         report["server"] = server_overhead(policy, args.env, env_kwargs, seeds[0])
     print(format_table(rows))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output}")
     return report
