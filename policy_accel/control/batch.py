@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policy_accel.control.controller import PlanRecord, latency_stats
+from policy_accel.control.controller import PlanRecord, fresh_noise, latency_stats
 from policy_accel.policies.base import Policy
 from policy_accel.sampling import SOLVERS, sample
 from policy_accel.sampling.result import SampleResult
@@ -112,14 +112,6 @@ class BatchController:
             hist[:, -1] = value
 
     # -- planning -----------------------------------------------------------------------------
-    def _fresh(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.policy.horizon, self.policy.action_dim)
-        x_T = torch.randn(shape, generator=self.generators[row])
-        noise = torch.randn(
-            (self.policy.num_inference_steps, *shape), generator=self.generators[row]
-        )
-        return x_T, noise
-
     def plan(self, new_episode: np.ndarray, executed: int) -> np.ndarray:
         """Plan every row from its history; rows in ``new_episode`` cold, the others warm (if
         enabled) after ``executed`` steps. Returns the predicted future ``(B, H - start, Da)``
@@ -145,7 +137,7 @@ class BatchController:
                     )
                 )
             else:
-                draws.append(self._fresh(row))
+                draws.append(fresh_noise(self.policy, self.generators[row]))
         x_T = torch.cat([d[0] for d in draws])
         noise = torch.cat([d[1] for d in draws], dim=1)
         device = self.policy.device

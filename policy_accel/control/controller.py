@@ -52,6 +52,15 @@ class PlanRecord:
     shift: int = 0
 
 
+def fresh_noise(policy: Policy, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_T [1, H, Da]`` and the per-step noise ``[N, 1, H, Da]`` of one cold replan, drawn in
+    this order from ``generator`` (the Controller and each BatchController row draw alike)."""
+    shape = (1, policy.horizon, policy.action_dim)
+    x_T = torch.randn(shape, generator=generator)
+    noise = torch.randn((policy.num_inference_steps, *shape), generator=generator)
+    return x_T, noise
+
+
 def latency_stats(records: list[PlanRecord]) -> dict[str, float]:
     """Percentiles and means of a list of plan records (what ``stats()`` returns)."""
     if not records:
@@ -208,12 +217,6 @@ class Controller:
             )
         return {keys[0]: stacked[None]}
 
-    def _fresh_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.policy.horizon, self.policy.action_dim)
-        x_T = torch.randn(shape, generator=self.generator)
-        noise = torch.randn((self.policy.num_inference_steps, *shape), generator=self.generator)
-        return x_T, noise
-
     def _replan(self, history: Any = None, executed: int | None = None) -> np.ndarray:
         start = time.perf_counter()
         shift = self._executed_since_plan if executed is None else int(executed)
@@ -228,7 +231,7 @@ class Controller:
             if shift:
                 x_T, noise = shift_noise(x_T, noise, shift, generator=self.generator)
         else:
-            x_T, noise = self._fresh_noise()
+            x_T, noise = fresh_noise(self.policy, self.generator)
         device = self.policy.device
         obs = self._policy_obs(history)
         problem = self.policy.problem(obs, x_T=x_T.to(device), noise=noise.to(device))
