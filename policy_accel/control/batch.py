@@ -15,9 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from policy_accel.control.controller import PlanRecord, fresh_noise, latency_stats
+from policy_accel.control.controller import (
+    PlanRecord,
+    check_sampler,
+    fresh_noise,
+    latency_stats,
+)
 from policy_accel.policies.base import Policy
-from policy_accel.sampling import SOLVERS, sample
+from policy_accel.sampling import sample
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.warm_start import shift_noise, warm_start_guess
 
@@ -57,8 +62,7 @@ class BatchController:
         executor: Any = None,
         **solver_options: Any,
     ) -> None:
-        if method not in SOLVERS:
-            raise ValueError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}.")
+        check_sampler(method, warm_space)
         self.policy = policy
         self.method = method
         self.warm_start = warm_start

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,14 @@ def fresh_noise(policy: Policy, generator: torch.Generator) -> tuple[torch.Tenso
     x_T = torch.randn(shape, generator=generator)
     noise = torch.randn((policy.num_inference_steps, *shape), generator=generator)
     return x_T, noise
+
+
+def check_sampler(method: str, warm_space: str) -> None:
+    """The settings the Controller and BatchController share, refused with the valid choices."""
+    if method not in SOLVERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}.")
+    if warm_space not in SPACES:
+        raise ValueError(f"warm_space must be one of {list(SPACES)}, got {warm_space!r}.")
 
 
 def latency_stats(records: list[PlanRecord]) -> dict[str, float]:
@@ -115,10 +123,7 @@ class Controller:
         executor: Any = None,
         **solver_options: Any,
     ) -> None:
-        if method not in SOLVERS:
-            raise ValueError(f"unknown method {method!r}; choose one of {sorted(SOLVERS)}.")
-        if warm_space not in SPACES:
-            raise ValueError(f"warm_space must be one of {list(SPACES)}, got {warm_space!r}.")
+        check_sampler(method, warm_space)
         chunk = policy.n_action_steps
         n_action_steps = chunk if n_action_steps is None else int(n_action_steps)
         if not 1 <= n_action_steps <= chunk:
@@ -201,9 +206,6 @@ class Controller:
     def stats(self) -> dict[str, float]:
         """Latency p50/p95/p99, rounds, model evaluations, converged and warm fractions."""
         return latency_stats(self.records)
-
-    def stats_records(self) -> list[dict]:
-        return [asdict(record) for record in self.records]
 
     # -- internals ----------------------------------------------------------------------------
     def _policy_obs(self, stacked: Any = None) -> dict[str, np.ndarray]:

@@ -59,12 +59,6 @@ def make_vector_env(config: EvalConfig, size: int, env_factory=None) -> gym.vect
     return AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
 
 
-def _row(obs: Any, row: int) -> Any:
-    if isinstance(obs, dict):
-        return {key: value[row] for key, value in obs.items()}
-    return obs[row]
-
-
 def _set_rows(target: Any, source: Any, rows: np.ndarray) -> Any:
     if isinstance(target, dict):
         for key in target:
