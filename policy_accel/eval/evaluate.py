@@ -69,9 +69,10 @@ def _set_rows(target: Any, source: Any, rows: np.ndarray) -> Any:
 
 
 def _info_value(info: dict, key: str, row: int, default=None):
-    if key in info and info.get(f"_{key}", np.ones(len(info[key]), bool))[row]:
-        return info[key][row]
-    return default
+    if key not in info:
+        return default
+    mask = info.get(f"_{key}")  # gymnasium's per-row "this env reported the key" flags
+    return info[key][row] if mask is None or mask[row] else default
 
 
 class _Episode:
