@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from policy_accel.execution.autodiff import jvp as locked_jvp
 from policy_accel.execution.base import Denoiser, Executor, flatten_window, unflatten_output
 
 
@@ -80,7 +81,7 @@ class LocalExecutor(Executor):
         stacked_tangent = self._to_model(tangents.reshape(directions * rows, *flat_x.shape[1:]))
         # Fused attention kernels have no forward-mode derivative; the math kernel does.
         with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
-            output, d_output = torch.func.jvp(
+            output, d_output = locked_jvp(
                 lambda inputs: denoiser(inputs, stacked_t), (stacked_x,), (stacked_tangent,)
             )
         shape = (directions, *x.shape)

@@ -140,6 +140,8 @@ class MultiDeviceExecutor(Executor):
                     f"{len(self.devices)}): {type(error).__name__}: {error}"
                 ) from error
 
+        # JVP shards take the process-wide forward-AD lock (execution.autodiff), so they run one
+        # device after another; plain evaluations run on all devices at once
         results = list(self._pool.map(run, jobs)) if self._pool else [run(job) for job in jobs]
         output = torch.cat([r[0] for r in results], dim=0)
         if tangents is None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from policy_accel.execution import Executor
+from policy_accel.execution.autodiff import jvp
 from policy_accel.sampling.errors import NonFiniteDenoiserOutput
 from policy_accel.sampling.problem import DenoisingProblem
 
@@ -122,16 +123,16 @@ class StepMap:
         def step_of(xx: Tensor, mm: Tensor, prev: Tensor | None) -> Tensor:
             return rule.step(positions, xx, rule.convert(positions, xx, mm), prev)
 
-        _, slope_x = torch.func.jvp(lambda xx: step_of(xx, output, previous), (x_in,), (ones,))
-        _, slope_m = torch.func.jvp(lambda mm: step_of(x_in, mm, previous), (output,), (ones,))
+        _, slope_x = jvp(lambda xx: step_of(xx, output, previous), (x_in,), (ones,))
+        _, slope_m = jvp(lambda mm: step_of(x_in, mm, previous), (output,), (ones,))
         # J columns: dF/dx . e_k = slope_x * e_k + slope_m * (dD . e_k), e_k masked by `free`.
         columns = slope_x.unsqueeze(0) * tangents + slope_m.unsqueeze(0) * d_output
         J = columns.reshape(size, positions_count, batch, size).permute(1, 2, 3, 0)
         if not rule.history:
             return F, J, None
-        _, slope_prev = torch.func.jvp(lambda pp: step_of(x_in, output, pp), (previous,), (ones,))
-        _, conv_x = torch.func.jvp(lambda xx: rule.convert(positions, xx, output), (x_in,), (ones,))
-        _, conv_m = torch.func.jvp(lambda mm: rule.convert(positions, x_in, mm), (output,), (ones,))
+        _, slope_prev = jvp(lambda pp: step_of(x_in, output, pp), (previous,), (ones,))
+        _, conv_x = jvp(lambda xx: rule.convert(positions, xx, output), (x_in,), (ones,))
+        _, conv_m = jvp(lambda mm: rule.convert(positions, x_in, mm), (output,), (ones,))
         d_converted = (
             conv_x.unsqueeze(0) * tangents + conv_m.unsqueeze(0) * d_output
         )  # [E, P, B, *ev]

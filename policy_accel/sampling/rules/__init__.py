@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 
 from policy_accel.sampling.rules.base import (
@@ -30,6 +31,8 @@ __all__ = [
 SUPPORTED_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
 _CACHE: OrderedDict[str, StepRule] = OrderedDict()
 _CACHE_SIZE = 64
+# plans in several threads (the server's workers) build problems at once: the cache is shared
+_CACHE_LOCK = threading.Lock()
 
 
 def _config_key(scheduler, num_inference_steps: int, step_options: dict) -> str | None:
@@ -82,17 +85,23 @@ def rule_from_scheduler(
         )
     options = {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
     key = _config_key(scheduler, num_inference_steps, options)
-    if key is not None and key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    with _CACHE_LOCK:
+        if key is not None and key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
     if name == "DDPMScheduler":
         rule = ddpm_rule(scheduler, num_inference_steps)
     elif name == "DDIMScheduler":
         rule = ddim_rule(scheduler, num_inference_steps, eta, use_clipped_model_output)
     else:
         rule = dpm_solver_rule(scheduler, num_inference_steps)
+    # derived data computed now, once, rather than lazily by the first plan that needs it
+    rule.linear_coefficient()
+    rule.tolerance_scale()
     if key is not None:
-        _CACHE[key] = rule
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        with _CACHE_LOCK:
+            rule = _CACHE.setdefault(key, rule)
+            _CACHE.move_to_end(key)
+            if len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
     return rule

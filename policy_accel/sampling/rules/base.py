@@ -19,6 +19,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from policy_accel.execution.autodiff import jvp
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
@@ -65,7 +67,7 @@ class StepRule(ABC):
         control loop building a problem every replan computes these once."""
         memo = self.__dict__.setdefault("_derived", {})  # frozen dataclass: bypass __setattr__
         if key not in memo:
-            memo[key] = compute()
+            memo.setdefault(key, compute())  # two threads may compute it; the first one stays
         return memo[key]
 
     def to(self, device: torch.device | str) -> StepRule:
@@ -136,7 +138,7 @@ class StepRule(ABC):
             converted = self.convert(idx, x, output)
             return self.step(idx, x, converted, zeros if self.history else None).to(torch.float64)
 
-        _, slope = torch.func.jvp(step_of_x, (zeros,), (torch.ones_like(zeros),))
+        _, slope = jvp(step_of_x, (zeros,), (torch.ones_like(zeros),))
         return slope[:, 0]
 
     def tolerance_scale(self) -> Tensor:
