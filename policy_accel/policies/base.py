@@ -17,7 +17,36 @@ import torch
 from torch import Tensor
 
 from policy_accel.execution import Executor
+from policy_accel.messages import preview, shorten
 from policy_accel.sampling import DenoisingProblem, sample
+
+
+def describe_spec(spec: dict[str, tuple[int, ...]]) -> str:
+    """``{'obs': shape (20,)}``: a spec for an error message (a few keys, then the count)."""
+    parts = [f"{shorten(repr(key))}: shape {tuple(shape)}" for key, shape in list(spec.items())[:5]]
+    more = f", ... ({len(spec)} keys)" if len(spec) > 5 else ""
+    return "{" + ", ".join(parts) + more + "}"
+
+
+def _as_real_array(value: Any, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``value`` as a numpy array of a real number type (not bool, complex, object or text)."""
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    elif not isinstance(value, (np.ndarray, np.generic)):
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError) as error:
+            raise ObservationError(
+                f"obs[{key!r}] is a {type(value).__name__} that is not an array ({error}); "
+                f"expected a float array of shape {tuple(shape)}."
+            ) from error
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiu":
+        raise ObservationError(
+            f"obs[{key!r}] has dtype {value.dtype}; expected a real number array of shape "
+            f"{tuple(shape)} (float32 preferred)."
+        )
+    return value
 
 
 class ConditionedDenoiser:
@@ -45,7 +74,15 @@ class ConditionedDenoiser:
 
 
 class ObservationError(ValueError):
-    """An observation with a wrong key, shape, dtype or a non-finite value."""
+    """An observation with a wrong key, shape, dtype, a non-finite value or a value far outside
+    what the policy can take."""
+
+
+# Observations more than this many normalized units from zero (the training data spans about
+# [-1, 1] in DiffusionPolicy's limits normalization, a few units in mean/std) are refused: they
+# are sensor faults or unit mistakes, and values such as 1e30 overflow inside the network.
+MAX_NORMALIZED_MAGNITUDE = 1e4
+IMAGE_RANGE_SLACK = 1e-3
 
 
 class Policy(ABC):
@@ -89,6 +126,83 @@ class Policy(ABC):
     def decode(self, x0: Tensor) -> dict[str, Tensor]:
         """``action`` (``[B, n_action_steps, Da]``) and ``action_pred`` (``[B, horizon, Da]``) in
         environment units from a clean sample; inpainting policies add ``obs_pred``."""
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        """Observation keys holding float images in ``[0, 1]`` (range-checked as such)."""
+        return ()
+
+    def normalize_input(self, key: str, value: Tensor) -> Tensor | None:
+        """``value [..., *observation_spec[key]]`` in environment units -> the model's
+        normalized units, for the range check of :meth:`check_observation_step`; ``None`` when
+        the policy does not expose it (no range check beyond finiteness)."""
+        return None
+
+    def rename_observation(self, obs: dict) -> dict:
+        """The observation with its keys as :attr:`observation_spec` names them (LeRobot's
+        ``rename_map``); the caller's dict is not modified."""
+        return obs
+
+    def check_observation_step(self, obs: Any) -> dict[str, np.ndarray]:
+        """One observation step (what an env returns), validated before it enters any history:
+        every key of :attr:`observation_spec` with exactly its shape, a real number type, finite,
+        images in ``[0, 1]`` and other values within ``MAX_NORMALIZED_MAGNITUDE`` normalized
+        units. Returns float32 copies of those keys (other keys are dropped); raises
+        :class:`ObservationError` naming the key, what was expected and what to do."""
+        spec = self.observation_spec
+        if not isinstance(obs, dict):
+            if len(spec) != 1:
+                raise ObservationError(
+                    f"this policy takes a dict observation with keys {preview(list(spec))}; got a "
+                    f"{type(obs).__name__}."
+                )
+            obs = {next(iter(spec)): obs}
+        obs = self.rename_observation(obs)
+        missing = [key for key in spec if key not in obs]
+        if missing:
+            raise ObservationError(
+                f"obs is missing key(s) {preview(missing)}; this policy takes one step of "
+                f"{describe_spec(spec)}."
+            )
+        checked = {}
+        for key, shape in spec.items():
+            value = _as_real_array(obs[key], key, shape)
+            if value.shape != tuple(shape):
+                raise ObservationError(
+                    f"obs[{key!r}] has shape {value.shape}, expected {tuple(shape)} (one "
+                    f"observation step: the n_obs_steps={self.n_obs_steps} history is kept for "
+                    "you)."
+                )
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow: Inf, refused below
+                value = value.astype(np.float32)  # a copy, never the caller's buffer
+            if not np.isfinite(value).all():
+                raise ObservationError(
+                    f"obs[{key!r}] contains NaN or Inf (after conversion to float32)."
+                )
+            self._check_range(key, value)
+            checked[key] = value
+        return checked
+
+    def _check_range(self, key: str, value: np.ndarray) -> None:
+        if key in self.image_keys:
+            low, high = float(value.min(initial=0.0)), float(value.max(initial=0.0))
+            if low < -IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
+                raise ObservationError(
+                    f"obs[{key!r}] is an image with values in [{low:g}, {high:g}]; expected "
+                    "floats in [0, 1] (divide uint8 images by 255)."
+                )
+            return
+        with torch.no_grad():
+            normalized = self.normalize_input(key, torch.from_numpy(value).to(self.device))
+        if normalized is None:
+            return
+        magnitude = float(normalized.abs().max()) if normalized.numel() else 0.0
+        if not magnitude <= MAX_NORMALIZED_MAGNITUDE:
+            raise ObservationError(
+                f"obs[{key!r}] is {magnitude:.3g} normalized units from the training data's "
+                f"range (at most {MAX_NORMALIZED_MAGNITUDE:g} accepted): a sensor fault or a "
+                "unit mistake? Check the observation's units against the policy's."
+            )
 
     def normalize_action(self, action: Tensor) -> Tensor:
         """Actions in environment units -> the model's normalized units (to compare samples)."""

@@ -17,9 +17,17 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from policy_accel.policies.base import Policy
+from policy_accel.policies.errors import CheckpointContentError
 from policy_accel.policies.networks.transformer import TransformerForDiffusion
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
 from policy_accel.policies.normalizer import LinearNormalizer
+from policy_accel.policies.validation import (
+    build_and_load,
+    check_action_window,
+    int_list,
+    naming_the_file,
+    positive_int,
+)
 from policy_accel.sampling import DenoisingProblem
 
 UNET_POLICY = "DiffusionUnetLowdimPolicy"
@@ -30,12 +38,6 @@ SCHEDULERS = {
     "DDIMScheduler": DDIMScheduler,
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
 }
-# Parameters upstream's ModuleAttrMixin adds for device bookkeeping; they hold nothing.
-BOOKKEEPING_KEYS = ("_dummy_variable", "mask_generator._dummy_variable", "model._dummy_variable")
-
-
-class CheckpointContentError(ValueError):
-    """A checkpoint whose configuration or weights do not describe a supported policy."""
 
 
 def class_name(spec: dict, what: str) -> str:
@@ -45,14 +47,55 @@ def class_name(spec: dict, what: str) -> str:
     return target.rsplit(".", 1)[-1]
 
 
-def build_scheduler(spec: dict):
+def build_scheduler(spec: dict, source: str = "checkpoint"):
     """A diffusers scheduler from a hydra spec, by class name only (nothing is imported by path)."""
     name = class_name(spec, "cfg.policy.noise_scheduler")
     if name not in SCHEDULERS:
         raise CheckpointContentError(
             f"noise scheduler {name} is not supported; expected one of {sorted(SCHEDULERS)}."
         )
-    return SCHEDULERS[name](**{k: v for k, v in spec.items() if k != "_target_"})
+    options = {k: v for k, v in spec.items() if k != "_target_"}
+    if "num_train_timesteps" in options:
+        positive_int(
+            options["num_train_timesteps"],
+            "cfg.policy.noise_scheduler.num_train_timesteps",
+            source,
+            "train_timesteps",
+        )
+    return SCHEDULERS[name](**options)
+
+
+def inference_steps(policy_cfg: dict, scheduler, source: str) -> int:
+    """``cfg.policy.num_inference_steps`` (default: every training step), validated."""
+    train_steps = int(scheduler.config.num_train_timesteps)
+    steps = policy_cfg.get("num_inference_steps") or train_steps
+    positive_int(steps, "cfg.policy.num_inference_steps", source, "train_timesteps")
+    if steps > train_steps:
+        raise CheckpointContentError(
+            f"{source}: cfg.policy.num_inference_steps={steps} exceeds the scheduler's "
+            f"num_train_timesteps={train_steps}."
+        )
+    return steps
+
+
+def check_model_sizes(model_cfg: dict, source: str) -> None:
+    """Bound every integer of ``cfg.policy.model`` before a network is constructed (the
+    constructor loops over layers and heads in Python even on the meta device)."""
+    layer_counts = ("n_layer", "n_head", "n_cond_layers")
+    for key, value in model_cfg.items():
+        name = f"cfg.policy.model.{key}"
+        if isinstance(value, bool) or value is None or isinstance(value, (float, str)):
+            continue
+        if isinstance(value, int):
+            if value != 0 or key not in (
+                "local_cond_dim",
+                "global_cond_dim",
+                "cond_dim",
+                "n_cond_layers",
+            ):
+                positive_int(value, name, source, "layers" if key in layer_counts else "width")
+        elif isinstance(value, (list, tuple)):
+            int_list(value, name, source)
 
 
 class _Modules(nn.Module):
@@ -62,27 +105,6 @@ class _Modules(nn.Module):
         super().__init__()
         self.model = model
         self.normalizer = normalizer
-
-
-def load_state_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
-    """Load every tensor or fail naming the missing, unexpected and mis-shaped keys."""
-    state = {k: v for k, v in state_dict.items() if k not in BOOKKEEPING_KEYS}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
-        if tuple(state[key].shape) != tuple(expected[key].shape)
-    ]
-    if missing or unexpected or mismatched:
-        raise CheckpointContentError(
-            f"{source} does not match the policy its config describes. Missing keys: "
-            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}; unexpected keys: "
-            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}; shape mismatches: "
-            f"{mismatched[:10]}. Check that the file and its config belong together."
-        )
-    module.load_state_dict(state, strict=True)
 
 
 class DiffusionPolicyLowdim(Policy):
@@ -103,32 +125,92 @@ class DiffusionPolicyLowdim(Policy):
         self.cfg = policy_cfg
         self.source = source
         self.device = torch.device(device)
-        self.horizon = int(policy_cfg["horizon"])
-        self.n_obs_steps = int(policy_cfg["n_obs_steps"])
-        self.n_action_steps = int(policy_cfg["n_action_steps"])
-        self.action_dim = int(policy_cfg["action_dim"])
-        self.obs_dim = int(policy_cfg["obs_dim"])
-        self.pred_action_steps_only = bool(policy_cfg.get("pred_action_steps_only", False))
-        self.scheduler = build_scheduler(policy_cfg["noise_scheduler"])
-        steps = policy_cfg.get("num_inference_steps")
-        self.num_inference_steps = int(steps or self.scheduler.config.num_train_timesteps)
-        model_cfg = {k: v for k, v in policy_cfg["model"].items() if k != "_target_"}
-        if self.kind == UNET_POLICY:
-            self.obs_as_local_cond = bool(policy_cfg.get("obs_as_local_cond", False))
-            self.obs_as_global_cond = bool(policy_cfg.get("obs_as_global_cond", False))
-            self.oa_step_convention = bool(policy_cfg.get("oa_step_convention", False))
-            model_cfg["down_dims"] = tuple(model_cfg.get("down_dims", (256, 512, 1024)))
-            network = ConditionalUnet1D(**model_cfg)
-        else:
-            self.obs_as_local_cond = False
-            self.obs_as_global_cond = bool(policy_cfg.get("obs_as_cond", False))
-            self.oa_step_convention = True  # the transformer policy starts actions at To - 1
-            network = TransformerForDiffusion(**model_cfg)
-        fields = LinearNormalizer.fields_of(state_dict)
-        modules = _Modules(network, LinearNormalizer(fields))
-        load_state_strict(modules, state_dict, source)
+        with naming_the_file(source):
+            self._read_config(policy_cfg, source)
+            network = self._network_factory(policy_cfg, source)
+            fields = LinearNormalizer.fields_of(state_dict)
+            self._check_normalizer(fields, source)
+            modules = build_and_load(
+                lambda: _Modules(network(), LinearNormalizer(fields)), state_dict, source
+            )
         self.modules = modules.to(self.device).eval()
         self.inpainting = not (self.obs_as_local_cond or self.obs_as_global_cond)
+
+    def _read_config(self, cfg: dict, source: str) -> None:
+        """The timeline, sizes and conditioning of ``cfg.policy``, validated."""
+        self.horizon = positive_int(cfg["horizon"], "cfg.policy.horizon", source, "horizon")
+        self.n_obs_steps = positive_int(
+            cfg["n_obs_steps"], "cfg.policy.n_obs_steps", source, "horizon"
+        )
+        self.n_action_steps = positive_int(
+            cfg["n_action_steps"], "cfg.policy.n_action_steps", source, "horizon"
+        )
+        self.action_dim = positive_int(cfg["action_dim"], "cfg.policy.action_dim", source)
+        self.obs_dim = positive_int(cfg["obs_dim"], "cfg.policy.obs_dim", source)
+        self.pred_action_steps_only = bool(cfg.get("pred_action_steps_only", False))
+        self.scheduler = build_scheduler(cfg["noise_scheduler"], source)
+        self.num_inference_steps = inference_steps(cfg, self.scheduler, source)
+        if self.kind == UNET_POLICY:
+            self.obs_as_local_cond = bool(cfg.get("obs_as_local_cond", False))
+            self.obs_as_global_cond = bool(cfg.get("obs_as_global_cond", False))
+            self.oa_step_convention = bool(cfg.get("oa_step_convention", False))
+        else:
+            self.obs_as_local_cond = False
+            self.obs_as_global_cond = bool(cfg.get("obs_as_cond", False))
+            self.oa_step_convention = True  # the transformer policy starts actions at To - 1
+        if self.n_obs_steps > self.horizon:
+            raise CheckpointContentError(
+                f"{source}: cfg.policy.n_obs_steps={self.n_obs_steps} exceeds the "
+                f"horizon={self.horizon}."
+            )
+        if self.pred_action_steps_only:
+            if not self.obs_as_global_cond:
+                raise CheckpointContentError(
+                    f"{source}: pred_action_steps_only needs obs_as_global_cond (as upstream "
+                    "asserts): the sampled chunk then holds only the executed actions."
+                )
+        else:
+            start = self.n_obs_steps - 1 if self.oa_step_convention else self.n_obs_steps
+            rule = "horizon - n_obs_steps" + (" + 1" if self.oa_step_convention else "")
+            check_action_window(source, self.horizon, start, self.n_action_steps, rule)
+
+    def _network_factory(self, cfg: dict, source: str):
+        """A function building the denoising network ``cfg.policy.model`` describes, after its
+        sizes are checked against the policy's own."""
+        model_cfg = {k: v for k, v in cfg["model"].items() if k != "_target_"}
+        check_model_sizes(model_cfg, source)
+        Da, Do, To = self.action_dim, self.obs_dim, self.n_obs_steps
+        if self.kind == UNET_POLICY:
+            model_cfg["down_dims"] = tuple(model_cfg.get("down_dims", (256, 512, 1024)))
+            if self.obs_as_global_cond:
+                expected = {"input_dim": Da, "global_cond_dim": Do * To}
+            elif self.obs_as_local_cond:
+                expected = {"input_dim": Da, "local_cond_dim": Do}
+            else:
+                expected = {"input_dim": Da + Do}
+            factory = ConditionalUnet1D
+        else:
+            if self.obs_as_global_cond:
+                expected = {"input_dim": Da, "output_dim": Da, "cond_dim": Do}
+            else:
+                expected = {"input_dim": Da + Do, "output_dim": Da + Do}
+            factory = TransformerForDiffusion
+        for key, value in expected.items():
+            if model_cfg.get(key) != value:
+                raise CheckpointContentError(
+                    f"{source}: cfg.policy.model.{key} is {str(model_cfg.get(key))[:20]}, but "
+                    f"action_dim={Da}, obs_dim={Do}, n_obs_steps={To} and the conditioning "
+                    f"make it {value}. Check the config."
+                )
+        return lambda: factory(**model_cfg)
+
+    def _check_normalizer(self, fields: dict[str, int], source: str) -> None:
+        for key, size in (("obs", self.obs_dim), ("action", self.action_dim)):
+            if fields.get(key) != size:
+                raise CheckpointContentError(
+                    f"{source}: the normalizer's {key!r} field has size {fields.get(key)}, but "
+                    f"cfg.policy says {size}. Check that the weights belong to this config."
+                )
 
     @property
     def observation_spec(self) -> dict[str, tuple[int, ...]]:
@@ -137,6 +219,9 @@ class DiffusionPolicyLowdim(Policy):
     @property
     def normalizer(self) -> LinearNormalizer:
         return self.modules.normalizer
+
+    def normalize_input(self, key: str, value: Tensor) -> Tensor:
+        return self.normalizer.normalize("obs", value)
 
     def problem(
         self,

@@ -30,16 +30,24 @@ from torch import Tensor, nn
 
 from policy_accel.policies.base import ObservationError, Policy
 from policy_accel.policies.diffusion_policy import (
-    CheckpointContentError,
     build_scheduler,
+    check_model_sizes,
     class_name,
-    load_state_strict,
+    inference_steps,
 )
+from policy_accel.policies.errors import CheckpointContentError
 from policy_accel.policies.networks.multi_image_encoder import MultiImageObsEncoder
 from policy_accel.policies.networks.resnet import RESNET_LAYERS
 from policy_accel.policies.networks.robomimic_encoder import RobomimicObsEncoder
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
 from policy_accel.policies.normalizer import LinearNormalizer
+from policy_accel.policies.validation import (
+    LIMITS,
+    build_and_load,
+    check_action_window,
+    naming_the_file,
+    positive_int,
+)
 from policy_accel.sampling import DenoisingProblem
 
 HYBRID_POLICY = "DiffusionUnetHybridImagePolicy"
@@ -78,7 +86,17 @@ def parse_shape_meta(shape_meta: Any, where: str) -> tuple[dict, int | None]:
                 f"{where}.obs.{key} has type {kind!r}; DiffusionPolicy's image policies support "
                 "'rgb' and 'low_dim'."
             )
-        obs_meta[key] = (tuple(int(s) for s in attr["shape"]), kind)
+        shape = attr["shape"]
+        if (
+            not isinstance(shape, (list, tuple))
+            or not 1 <= len(shape) <= 4
+            or not all(type(size) is int and 1 <= size <= LIMITS["width"] for size in shape)
+        ):
+            raise CheckpointContentError(
+                f"{where}.obs.{key}.shape must be 1 to 4 ints between 1 and {LIMITS['width']}. "
+                f"Got {str(shape)[:60]}."
+            )
+        obs_meta[key] = (tuple(shape), kind)
     action = shape_meta.get("action")
     action_dim = None
     if action is not None:
@@ -167,37 +185,61 @@ class DiffusionPolicyImage(Policy):
         self.cfg = policy_cfg
         self.source = source
         self.device = torch.device(device)
-        self.horizon = int(policy_cfg["horizon"])
-        self.n_obs_steps = int(policy_cfg["n_obs_steps"])
-        self.n_action_steps = int(policy_cfg["n_action_steps"])
-        _, action_dim = parse_shape_meta(policy_cfg.get("shape_meta"), "cfg.policy.shape_meta")
-        if action_dim is None:
-            raise CheckpointContentError(f"{source}: cfg.policy.shape_meta has no 'action'.")
-        self.action_dim = action_dim
-        self.obs_as_global_cond = bool(policy_cfg.get("obs_as_global_cond", True))
-        self.scheduler = build_scheduler(policy_cfg["noise_scheduler"])
-        steps = policy_cfg.get("num_inference_steps")
-        self.num_inference_steps = int(steps or self.scheduler.config.num_train_timesteps)
-        try:
-            encoder, self.obs_meta = build_obs_encoder(self.kind, policy_cfg, source)
-        except ValueError as error:
-            if isinstance(error, CheckpointContentError):
-                raise
-            raise CheckpointContentError(f"{source}: {error}") from error
-        self.obs_feature_dim = encoder.output_dim
-        unet_cfg = {name: policy_cfg.get(name, default) for name, default in UNET_DEFAULTS.items()}
-        unet_cfg["down_dims"] = tuple(unet_cfg["down_dims"])
-        if self.obs_as_global_cond:
-            network = ConditionalUnet1D(
-                self.action_dim, global_cond_dim=self.obs_feature_dim * self.n_obs_steps, **unet_cfg
-            )
-        else:
-            network = ConditionalUnet1D(self.action_dim + self.obs_feature_dim, **unet_cfg)
-        normalizer = LinearNormalizer(self._normalizer_fields(state_dict))
-        modules = _ImageModules(encoder, network, normalizer)
-        load_state_strict(modules, state_dict, source)
+        with naming_the_file(source):
+            modules = self._build(policy_cfg, state_dict, source)
         self.modules = modules.to(self.device).eval()
         self.inpainting = not self.obs_as_global_cond
+
+    def _build(self, cfg: dict, state_dict: dict[str, Tensor], source: str) -> nn.Module:
+        """Validate ``cfg.policy``, then build the encoder, UNet and normalizer and load them
+        (checked on the meta device first)."""
+        self.horizon = positive_int(cfg["horizon"], "cfg.policy.horizon", source, "horizon")
+        self.n_obs_steps = positive_int(
+            cfg["n_obs_steps"], "cfg.policy.n_obs_steps", source, "horizon"
+        )
+        self.n_action_steps = positive_int(
+            cfg["n_action_steps"], "cfg.policy.n_action_steps", source, "horizon"
+        )
+        check_action_window(
+            source, self.horizon, self.n_obs_steps - 1, self.n_action_steps,
+            "horizon - n_obs_steps + 1",
+        )  # fmt: skip
+        _, action_dim = parse_shape_meta(cfg.get("shape_meta"), "cfg.policy.shape_meta")
+        if action_dim is None:
+            raise CheckpointContentError(f"{source}: cfg.policy.shape_meta has no 'action'.")
+        self.action_dim = positive_int(action_dim, "cfg.policy.shape_meta.action", source)
+        self.obs_as_global_cond = bool(cfg.get("obs_as_global_cond", True))
+        self.scheduler = build_scheduler(cfg["noise_scheduler"], source)
+        self.num_inference_steps = inference_steps(cfg, self.scheduler, source)
+        unet_cfg = {name: cfg.get(name, default) for name, default in UNET_DEFAULTS.items()}
+        check_model_sizes(unet_cfg, source)
+        unet_cfg["down_dims"] = tuple(unet_cfg["down_dims"])
+
+        def encoder() -> nn.Module:
+            try:
+                return build_obs_encoder(self.kind, cfg, source)[0]
+            except ValueError as error:
+                if isinstance(error, CheckpointContentError):
+                    raise
+                raise CheckpointContentError(f"{source}: {error}") from error
+
+        with torch.device("meta"):
+            probe = encoder()
+        self.obs_meta = parse_shape_meta(cfg["shape_meta"], "cfg.policy.shape_meta")[0]
+        self.obs_feature_dim = probe.output_dim
+        if self.obs_as_global_cond:
+            unet_args = (self.action_dim,)
+            unet_cfg["global_cond_dim"] = self.obs_feature_dim * self.n_obs_steps
+        else:
+            unet_args = (self.action_dim + self.obs_feature_dim,)
+        fields = self._normalizer_fields(state_dict)
+        return build_and_load(
+            lambda: _ImageModules(
+                encoder(), ConditionalUnet1D(*unet_args, **unet_cfg), LinearNormalizer(fields)
+            ),
+            state_dict,
+            source,
+        )
 
     def _normalizer_fields(self, state_dict: dict[str, Tensor]) -> dict[str, int]:
         fields = LinearNormalizer.fields_of(state_dict)
@@ -223,6 +265,13 @@ class DiffusionPolicyImage(Policy):
     @property
     def normalizer(self) -> LinearNormalizer:
         return self.modules.normalizer
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        return tuple(key for key, (_, kind) in self.obs_meta.items() if kind == "rgb")
+
+    def normalize_input(self, key: str, value: Tensor) -> Tensor:
+        return self.normalizer.normalize(key, value)
 
     def encode(self, obs: dict) -> Tensor:
         """Validated, normalized observations through the encoder: ``[B, n_obs_steps, Do]``."""

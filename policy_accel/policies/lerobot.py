@@ -123,11 +123,23 @@ class LeRobotDiffusionPolicy(Policy):
         spec.update(self.image_shapes)
         return spec
 
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        return tuple(self.image_shapes)
+
+    def rename_observation(self, obs: dict) -> dict:
+        if not self.rename_map:
+            return obs
+        return {self.rename_map.get(key, key): value for key, value in obs.items()}
+
+    def normalize_input(self, key: str, value: Tensor) -> Tensor:
+        return self.input_normalization.get(key, IDENTITY).normalize(value)
+
     def normalize_observation(self, obs: dict) -> dict[str, Tensor]:
         """Validated, normalized ``[B, n_obs_steps, ...]`` history of every conditioning key
         (images ``[B, n_obs_steps, 3, H, W]``)."""
-        if isinstance(obs, dict) and self.rename_map:
-            obs = {self.rename_map.get(key, key): value for key, value in obs.items()}
+        if isinstance(obs, dict):
+            obs = self.rename_observation(obs)
         normalized = {}
         for key, shape in self.observation_spec.items():
             if key in self.image_shapes:
@@ -243,6 +255,9 @@ def load_lerobot(
     settings = read_config(directory / "config.json")
     model_path = directory / "model.safetensors"
     network, buffers = split_legacy_buffers(read_safetensors(model_path))
+    with torch.device("meta"):  # the config's networks checked against the file: no memory yet
+        probe = network_modules(build_unet(settings), build_rgb_encoder(settings))
+    load_network_weights(probe, network, model_path, load=False)
     unet = build_unet(settings)
     rgb_encoder = build_rgb_encoder(settings)
     load_network_weights(network_modules(unet, rgb_encoder), network, model_path)

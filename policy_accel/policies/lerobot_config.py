@@ -21,6 +21,7 @@ from policy_accel.policies.lerobot_normalization import (
     LeRobotCheckpointError,
     read_json,
 )
+from policy_accel.policies.validation import LIMITS
 
 STATE_KEY = "observation.state"
 SCHEDULER_TYPES = ("DDPM", "DDIM")
@@ -34,6 +35,13 @@ PLAIN_FIELDS = POSITIVE_INTS + (
     "beta_end", "prediction_type", "clip_sample",
 )  # fmt: skip
 REQUIRED_FIELDS = PLAIN_FIELDS + ("input_features", "output_features", "down_dims")
+# which bound of validation.LIMITS each integer field has (others: "width")
+INT_LIMITS = {
+    "n_obs_steps": "horizon",
+    "horizon": "horizon",
+    "n_action_steps": "horizon",
+    "num_train_timesteps": "train_timesteps",
+}
 # The torchvision ResNets policy_accel rebuilds (BasicBlock ones; see networks/resnet.py).
 VISION_BACKBONES = ("resnet18", "resnet34")
 
@@ -148,7 +156,7 @@ def read_config(path: Path) -> DiffusionSettings:
 
 
 def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= LIMITS["width"]
 
 
 def _check_values(path: Path, raw: dict) -> None:
@@ -161,23 +169,28 @@ def _check_values(path: Path, raw: dict) -> None:
                 f"{path}: `{name}` must be one of {list(valid)}. Got {raw[name]!r}."
             )
     for name in POSITIVE_INTS:
-        if not _is_positive_int(raw[name]):
+        limit = LIMITS[INT_LIMITS.get(name, "width")]
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
             raise LeRobotCheckpointError(
-                f"{path}: `{name}` must be a positive int. Got {raw[name]!r}."
+                f"{path}: `{name}` must be a positive int of at most {limit}. Got "
+                f"{str(raw[name])[:40]!r}."
             )
     down_dims = raw["down_dims"]
     if (
         not isinstance(down_dims, list)
-        or not down_dims
-        or not all(map(_is_positive_int, down_dims))
+        or not 1 <= len(down_dims) <= LIMITS["layers"]
+        or not all(_is_positive_int(d) and d <= LIMITS["width"] for d in down_dims)
     ):
         raise LeRobotCheckpointError(
-            f"{path}: `down_dims` must be a non-empty list of positive ints. Got {down_dims!r}."
+            f"{path}: `down_dims` must be a non-empty list of positive ints of at most "
+            f"{LIMITS['width']}. Got {str(down_dims)[:60]!r}."
         )
     steps = raw.get("num_inference_steps")
-    if steps is not None and not _is_positive_int(steps):
+    if steps is not None and (not _is_positive_int(steps) or steps > raw["num_train_timesteps"]):
         raise LeRobotCheckpointError(
-            f"{path}: `num_inference_steps` must be null or a positive int. Got {steps!r}."
+            f"{path}: `num_inference_steps` must be null or a positive int of at most "
+            f"num_train_timesteps={raw['num_train_timesteps']}. Got {str(steps)[:40]!r}."
         )
     for name in ("input_features", "output_features"):
         features = raw[name]

@@ -103,7 +103,7 @@ def build_scheduler(settings: DiffusionSettings) -> DDPMScheduler | DDIMSchedule
 
 
 def load_network_weights(
-    modules: dict[str, nn.Module], state: dict[str, Tensor], path: Path
+    modules: dict[str, nn.Module], state: dict[str, Tensor], path: Path, load: bool = True
 ) -> None:
     """Load LeRobot's ``diffusion.*`` tensors into our modules; every key must match.
 
@@ -112,7 +112,8 @@ def load_network_weights(
     :func:`network_modules`); a key under no prefix is unexpected. UNet keys are renamed with
     :func:`to_our_key`; the rgb encoder's keys are LeRobot's already. Missing, unexpected and
     mis-shaped keys are all named with the file (a module with none of its keys present is named
-    once, as ``<prefix>*``), and nothing is loaded unless every key matches.
+    once, as ``<prefix>*``), and nothing is loaded unless every key matches. ``load=False`` only
+    checks (modules built on the meta device, before the real ones are built).
     """
     unexpected = sorted(k for k in state if not k.startswith(tuple(modules)))
     missing: list[str] = []
@@ -165,8 +166,9 @@ def load_network_weights(
                     f"{path}: {theirs!r} has dtype {tensor.dtype}; it must hold {kind} "
                     f"({target.dtype})."
                 )
-            weights[ours] = tensor.to(target.dtype)
-        module.load_state_dict(weights, strict=True)
+            weights[ours] = tensor
+        if load:
+            module.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
 
 
 def _key_list(keys: list[str], limit: int = 40) -> str:

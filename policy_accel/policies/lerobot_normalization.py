@@ -19,7 +19,6 @@ in the legacy ``normalize_inputs.buffer_<camera>`` buffers alike), and broadcast
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
+
+from policy_accel.policies.errors import LeRobotCheckpointError
+from policy_accel.policies.validation import read_json_object
 
 MODE_STATS = {
     "IDENTITY": (),
@@ -47,28 +49,12 @@ PASSIVE_STEPS = {"to_batch_processor", "device_processor", "rename_observations_
 LEGACY_EPS = 1e-8
 
 
-class LeRobotCheckpointError(ValueError):
-    """A LeRobot checkpoint directory that is missing a file or holds a malformed one."""
-
-
 # --- files --------------------------------------------------------------------------------------
 
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, with errors that name the file."""
-    if not path.is_file():
-        raise LeRobotCheckpointError(f"{path} does not exist; a LeRobot checkpoint needs it.")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LeRobotCheckpointError(
-            f"{path} is not valid JSON ({error}); re-download or re-save the checkpoint."
-        ) from error
-    if not isinstance(value, dict):
-        raise LeRobotCheckpointError(
-            f"{path} holds a JSON {type(value).__name__}, expected an object."
-        )
-    return value
+    return read_json_object(path, LeRobotCheckpointError)
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -238,7 +224,7 @@ def read_normalizer_step(directory: Path, file_name: str, registry_name: str) ->
         raise LeRobotCheckpointError(
             f"{path}: the {registry_name!r} step names no 'state_file' holding its stats."
         )
-    state_path = directory / step["state_file"]
+    state_path = _inside(directory, step["state_file"], path, registry_name)
     if not state_path.is_file():
         raise LeRobotCheckpointError(
             f"{state_path} does not exist, but {path.name} names it as the {registry_name!r} "
@@ -257,6 +243,20 @@ def read_normalizer_step(directory: Path, file_name: str, registry_name: str) ->
         state_path=state_path,
         rename_map=rename_map,
     )
+
+
+def _inside(directory: Path, name: str, path: Path, registry_name: str) -> Path:
+    """``directory / name``, refused (the same way whether or not it exists) unless it names a
+    file inside the checkpoint directory: no absolute paths, ``..`` or links leading out."""
+    candidate = directory / name
+    root = directory.resolve()
+    resolved = candidate.resolve()
+    if Path(name).is_absolute() or resolved == root or not resolved.is_relative_to(root):
+        raise LeRobotCheckpointError(
+            f"{path}: the {registry_name!r} step's state_file {name[:80]!r} is not a file inside "
+            "the checkpoint directory; it must name one of the checkpoint's own files."
+        )
+    return candidate
 
 
 def processor_normalization(

@@ -19,14 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from policy_accel.policies.base import Policy
 from policy_accel.policies.diffusion_policy import (
-    BOOKKEEPING_KEYS,
     IMAGE_POLICIES,
-    CheckpointContentError,
     DiffusionPolicyLowdim,
     class_name,
 )
 from policy_accel.policies.diffusion_policy_image import DiffusionPolicyImage
-from policy_accel.policies.pickle_safe import CheckpointFormatError, read_checkpoint
+from policy_accel.policies.errors import CheckpointContentError, CheckpointFormatError
+from policy_accel.policies.pickle_safe import check_no_interpolation, read_checkpoint
+from policy_accel.policies.validation import BOOKKEEPING_KEYS, naming_the_file, read_json_object
 
 SAFE_CONFIG = "policy_accel.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -34,7 +34,11 @@ SAFE_FORMAT_VERSION = 1
 
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu") -> Policy:
-    """Load a policy checkpoint of any supported format onto ``device``."""
+    """Load a policy checkpoint of any supported format onto ``device``.
+
+    Checkpoints are read as inert data (no code from the file runs, no config interpolation is
+    resolved, memory is bounded by the file's size); every refusal is a
+    :class:`~policy_accel.policies.errors.CheckpointError` naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
@@ -62,24 +66,37 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu") -> Policy:
 
 def build_diffusion_policy(cfg: dict, state: dict, source: str, device="cpu") -> Policy:
     """The DiffusionPolicy policy class that ``cfg["_target_"]`` names (image or low-dim)."""
-    if class_name(cfg, "cfg.policy") in IMAGE_POLICIES:
-        return DiffusionPolicyImage(cfg, state, source, device=device)
-    return DiffusionPolicyLowdim(cfg, state, source, device=device)
+    if not isinstance(cfg, dict):
+        raise CheckpointContentError(f"{source}: cfg.policy must be a mapping.")
+    check_no_interpolation(cfg, source, "cfg.policy")
+    with naming_the_file(source):
+        if class_name(cfg, f"{source}: cfg.policy") in IMAGE_POLICIES:
+            return DiffusionPolicyImage(cfg, state, source, device=device)
+        return DiffusionPolicyLowdim(cfg, state, source, device=device)
 
 
 def _policy_and_weights(payload: dict, path: Path) -> tuple[dict, dict]:
     cfg = payload["cfg"]
-    if "policy" not in cfg:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("policy"), dict):
         raise CheckpointContentError(f"{path}: cfg has no 'policy' section.")
-    use_ema = bool(cfg.get("training", {}).get("use_ema", False))
+    training = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
+    use_ema = bool(training.get("use_ema", False))
     name = "ema_model" if use_ema else "model"
     state_dicts = payload["state_dicts"]
-    if name not in state_dicts:
+    if not isinstance(state_dicts, dict) or name not in state_dicts:
+        found = sorted(map(str, state_dicts))[:10] if isinstance(state_dicts, dict) else None
         raise CheckpointContentError(
             f"{path}: cfg.training.use_ema={use_ema} but state_dicts has no {name!r} "
-            f"(it has {sorted(state_dicts)})."
+            f"(it has {found})."
         )
-    return cfg["policy"], state_dicts[name]
+    state = state_dicts[name]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointContentError(
+            f"{path}: state_dicts[{name!r}] must map parameter names to tensors."
+        )
+    return cfg["policy"], state
 
 
 def convert(source: str | Path, destination: str | Path) -> Path:
@@ -114,10 +131,7 @@ def convert(source: str | Path, destination: str | Path) -> Path:
 
 def _load_converted(path: Path, device) -> Policy:
     config_path, weights_path = path / SAFE_CONFIG, path / SAFE_WEIGHTS
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointFormatError(f"{config_path} is not valid JSON ({error}).") from error
+    config = read_json_object(config_path, CheckpointFormatError)
     if config.get("format") != "diffusion_policy" or config.get("version") != SAFE_FORMAT_VERSION:
         raise CheckpointFormatError(
             f"{config_path}: unsupported format {config.get('format')!r} version "
@@ -131,4 +145,4 @@ def _load_converted(path: Path, device) -> Policy:
         raise CheckpointFormatError(
             f"{weights_path} is not a readable safetensors file ({error}); it may be truncated."
         ) from error
-    return build_diffusion_policy(config["policy"], state, str(path), device)
+    return build_diffusion_policy(config.get("policy"), state, str(path), device)

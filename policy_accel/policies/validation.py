@@ -1,0 +1,152 @@
+"""Checking a checkpoint's config and weights before anything large is built.
+
+A checkpoint's config decides how much memory the loader allocates (layer widths, the number of
+layers, the diffusion steps), so it is validated first: integers within bounds
+(:data:`LIMITS`), the horizon timeline consistent. Then the networks are built on torch's
+``meta`` device, which allocates nothing, and their parameter shapes are compared with the
+file's tensors: only a config that matches the weights, whose size the file itself bounds, is
+built for real. Every failure is a :class:`~policy_accel.policies.errors.CheckpointError` naming
+the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from policy_accel.messages import preview, shorten
+from policy_accel.policies.errors import CheckpointContentError, CheckpointError
+
+Module = TypeVar("Module", bound=nn.Module)
+
+# Upper bounds on config integers: far above any published policy (DiffusionPolicy's largest
+# UNet is [512, 1024, 2048], transformers have 8-12 layers, DDPM 1000 train steps), far below
+# what would exhaust memory or loop for minutes while the networks are constructed.
+LIMITS = {
+    "width": 65536,  # channels, embedding sizes, observation and action sizes
+    "layers": 256,  # transformer layers, heads, UNet levels
+    "horizon": 4096,  # horizon, n_obs_steps, n_action_steps
+    "train_timesteps": 100_000,
+}
+# Parameters upstream's ModuleAttrMixin adds for device bookkeeping; they hold nothing.
+BOOKKEEPING_KEYS = ("_dummy_variable", "mask_generator._dummy_variable", "model._dummy_variable")
+
+
+def positive_int(value: Any, name: str, source: str, limit: str = "width") -> int:
+    """``value`` as an int in ``1 .. LIMITS[limit]``, or a CheckpointContentError naming it."""
+    maximum = LIMITS[limit]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise CheckpointContentError(
+            f"{source}: {name} must be an int between 1 and {maximum}. Got {shorten(repr(value))}."
+        )
+    return value
+
+
+def int_list(value: Any, name: str, source: str, limit: str = "width") -> tuple[int, ...]:
+    """A non-empty list of bounded positive ints (``down_dims``), at most ``LIMITS['layers']``
+    long."""
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= LIMITS["layers"]:
+        raise CheckpointContentError(
+            f"{source}: {name} must be a list of 1 to {LIMITS['layers']} ints. Got "
+            f"{shorten(repr(value), 60)}."
+        )
+    return tuple(positive_int(v, f"{name}[{i}]", source, limit) for i, v in enumerate(value))
+
+
+def check_action_window(
+    source: str, horizon: int, start: int, n_action_steps: int, rule: str
+) -> None:
+    """The executed actions ``start .. start + n_action_steps - 1`` must lie in the horizon."""
+    if start + n_action_steps > horizon:
+        raise CheckpointContentError(
+            f"{source}: n_action_steps={n_action_steps} does not fit the horizon: actions start "
+            f"at {start}, so {rule} = {horizon - start} at most (horizon={horizon}). Lower "
+            "n_action_steps or train with a longer horizon."
+        )
+
+
+def shape_mismatches(
+    expected: dict[str, tuple[int, ...]], state: dict[str, Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys and ``key: file (..) vs model (..)`` shape mismatches."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key])}"
+        for key in sorted(set(state) & set(expected))
+        if tuple(state[key].shape) != tuple(expected[key])
+    ]
+    return missing, unexpected, mismatched
+
+
+def build_and_load(build: Callable[[], Module], state: dict[str, Tensor], source: str) -> Module:
+    """``build()`` with every tensor of ``state`` loaded, strictly.
+
+    ``build`` runs first on the meta device (no memory), and the file's keys and shapes are
+    checked against it; only then is it built for real and loaded. Raises a
+    CheckpointContentError naming the missing, unexpected and mis-shaped keys.
+    """
+    state = {k: v for k, v in state.items() if k not in BOOKKEEPING_KEYS}
+    with torch.device("meta"):
+        probe = build()
+    expected = {key: tuple(value.shape) for key, value in probe.state_dict().items()}
+    missing, unexpected, mismatched = shape_mismatches(expected, state)
+    if missing or unexpected or mismatched:
+        raise CheckpointContentError(
+            f"{source} does not match the policy its config describes. Missing keys: "
+            f"{preview(missing, 10)}; unexpected keys: {preview(unexpected, 10)}; shape "
+            f"mismatches: {preview(mismatched, 10, 120)}. Check that the file and its config "
+            "belong together."
+        )
+    module = build()
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+@contextmanager
+def naming_the_file(source: str) -> Iterator[None]:
+    """Turn a stray lookup or type error while reading a config into a CheckpointContentError
+    that names the file (a missing key, a list where a dict belongs, a value a library
+    refuses), and prefix the file to a CheckpointError that does not name it yet."""
+    try:
+        yield
+    except CheckpointError as error:
+        if source in str(error):
+            raise
+        raise type(error)(f"{source}: {error}") from error
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as error:
+        what = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise CheckpointContentError(
+            f"{source}: its config is malformed ({type(error).__name__}: {what[:200]}); compare "
+            "it with a config DiffusionPolicy or LeRobot wrote."
+        ) from error
+
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_json_object(path, error_type: type[CheckpointError]) -> dict:
+    """A JSON object from a checkpoint's config file (at most ``MAX_CONFIG_BYTES``, UTF-8),
+    with errors of ``error_type`` that name the file."""
+    if not path.is_file():
+        raise error_type(f"{path} does not exist; the checkpoint needs it.")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise error_type(
+            f"{path} is {path.stat().st_size} bytes; a config file is at most "
+            f"{MAX_CONFIG_BYTES} bytes."
+        )
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise error_type(
+            f"{path} is not valid JSON ({type(error).__name__}: {str(error)[:200]}); "
+            "re-download or re-save the checkpoint."
+        ) from error
+    if not isinstance(value, dict):
+        raise error_type(f"{path} holds a JSON {type(value).__name__}, expected an object.")
+    return value
