@@ -36,6 +36,13 @@ class ObservationHistory:
             raise RuntimeError("ObservationHistory.append before reset(first_observation).")
         self._frames.append(_copy(obs))
 
+    def copy(self) -> ObservationHistory:
+        """An independent history with the same frames (frames are never modified in place, so
+        they are shared)."""
+        other = ObservationHistory(self.n_obs_steps)
+        other._frames.extend(self._frames)
+        return other
+
     def __len__(self) -> int:
         return len(self._frames)
 

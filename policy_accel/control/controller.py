@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,25 +166,45 @@ class Controller:
         self._executed_since_plan = 0
 
     def act(self, obs: Any) -> np.ndarray:
-        """One control step: record ``obs``, replan if the queue is empty, return an action."""
-        self.observe(obs)
-        if not self.queue:
-            self.replan()
+        """One control step: record ``obs``, replan if the queue is empty, return an action.
+        An observation that is refused, or whose replan fails, leaves the Controller as it was
+        (history, queue, noise stream)."""
+        with self._transaction():
+            self.observe(obs)
+            if not self.queue:
+                self.replan()
         self._executed_since_plan += 1
         return self.queue.popleft()
 
     def plan(self, obs: Any) -> np.ndarray:
         """Record ``obs`` and replan now; returns (and queues) the new chunk
-        ``(n_action_steps, action_dim)``."""
-        self.observe(obs)
-        return self.replan().copy()
+        ``(n_action_steps, action_dim)``. A refused observation or a failed plan changes
+        nothing."""
+        with self._transaction():
+            self.observe(obs)
+            return self.replan().copy()
 
     def observe(self, obs: Any) -> None:
-        """Add ``obs`` to the history (the first after a reset fills it)."""
+        """Add ``obs`` to the history (the first after a reset fills it). It is validated first
+        (:meth:`~policy_accel.policies.Policy.check_observation_step`): a refused observation
+        raises :class:`~policy_accel.policies.ObservationError` and is not recorded."""
+        step = self.policy.check_observation_step(obs)
         if len(self.history) == 0:
-            self.history.reset(obs)
+            self.history.reset(step)
         else:
-            self.history.append(obs)
+            self.history.append(step)
+
+    @contextmanager
+    def _transaction(self):
+        """Restore the history and the noise generator if the block raises."""
+        history = self.history.copy()
+        generator_state = self.generator.get_state()
+        try:
+            yield
+        except BaseException:
+            self.history = history
+            self.generator.set_state(generator_state)
+            raise
 
     def replan(self, history: Any = None, executed: int | None = None) -> np.ndarray:
         """Plan from ``history`` (a stacked ``(n_obs_steps, ...)`` snapshot; default: the

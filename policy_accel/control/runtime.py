@@ -107,7 +107,9 @@ class AsyncController:
         return self._thread is not None and self._thread.is_alive()
 
     def observe(self, obs: Any) -> None:
-        """The observation of the current slot."""
+        """The observation of the current slot (validated first, as by
+        :meth:`Controller.observe`: a refused one is not recorded)."""
+        obs = self.controller.policy.check_observation_step(obs)
         if len(self.history) == 0:
             self.history.reset(obs)
         else:

@@ -35,9 +35,9 @@ def test_history_repeats_the_first_observation_and_never_mutates_the_callers(
     original = obs.copy()
     controller.act(obs)
     np.testing.assert_array_equal(obs, original)
-    np.testing.assert_array_equal(controller.history.stacked(), np.stack([original, original]))
+    np.testing.assert_array_equal(controller.history.stacked()["obs"], np.stack([original] * 2))
     obs[:] = 0.0  # the caller reuses its buffer: the history keeps its own copy
-    assert np.all(controller.history.stacked() == original)
+    assert np.all(controller.history.stacked()["obs"] == original)
 
 
 def _sequential_chunk(policy, controller):
@@ -141,3 +141,48 @@ def test_bad_settings_are_refused_with_clear_messages(tiny_pusht_policy):
         Controller(tiny_pusht_policy, method="sequential", budget_ms=10)
     with pytest.raises(ValueError, match="only applies"):
         Controller(tiny_pusht_policy, fallback_steps=4)
+
+
+def test_a_refused_observation_changes_nothing(tiny_pusht_policy, env):
+    """A bad observation is refused before it enters the history, and the next good one plans
+    exactly as if the bad one had never been sent."""
+    from policy_accel.policies import ObservationError
+
+    obs, _ = env.reset(seed=5)
+    steps = [obs]
+    for _ in range(3):
+        obs, *_ = env.step(np.array([250.0, 250.0]))
+        steps.append(obs)
+    clean = Controller(tiny_pusht_policy, method="picard", seed=9)
+    poisoned = Controller(tiny_pusht_policy, method="picard", seed=9)
+    bad = [
+        (np.full(20, np.nan), "NaN or Inf"),
+        (np.full(20, 1e30), "normalized units"),
+        (steps[0][:19], r"shape \(19,\), expected \(20,\)"),
+        ({"state": steps[0]}, r"missing key\(s\) \['obs'\]"),
+        (np.array(["a"] * 20), "real number array"),
+    ]
+    for step in steps:
+        for value, message in bad:
+            with pytest.raises(ObservationError, match=message):
+                poisoned.plan(value)
+        np.testing.assert_array_equal(poisoned.plan(step), clean.plan(step))
+    assert len(poisoned.records) == len(clean.records) == len(steps)
+
+
+def test_a_failed_plan_leaves_history_and_noise_as_they_were(tiny_pusht_policy, env, monkeypatch):
+    obs, _ = env.reset(seed=6)
+    clean = Controller(tiny_pusht_policy, method="picard", seed=4)
+    failing = Controller(tiny_pusht_policy, method="picard", seed=4)
+    np.testing.assert_array_equal(failing.plan(obs), clean.plan(obs))
+    original = type(failing.policy).decode
+
+    def broken(self, x0):
+        raise FloatingPointError("the model overflowed")
+
+    monkeypatch.setattr(type(failing.policy), "decode", broken)
+    with pytest.raises(FloatingPointError):
+        failing.plan(obs + 1.0)  # noise drawn and history appended, then the plan fails
+    monkeypatch.setattr(type(failing.policy), "decode", original)
+    obs2, *_ = env.step(np.array([240.0, 260.0]))
+    np.testing.assert_array_equal(failing.plan(obs2), clean.plan(obs2))

@@ -5,6 +5,7 @@ import pytest
 
 import envs
 from policy_accel.control import AsyncController, Controller
+from policy_accel.policies import ObservationError
 
 
 def _async(policy, **kwargs):
@@ -63,11 +64,18 @@ def test_realtime_loop_keeps_the_slot_count(tiny_pusht_policy):
     env.close()
 
 
-def test_planner_errors_reach_the_control_thread(tiny_pusht_policy):
+def test_planner_errors_reach_the_control_thread(tiny_pusht_policy, monkeypatch):
     runtime = _async(tiny_pusht_policy)
-    runtime.observe({"wrong": np.zeros(3)})
+    with pytest.raises(ObservationError, match="missing key"):  # refused before planning
+        runtime.observe({"wrong": np.zeros(3)})
+    runtime.observe(np.zeros(20, np.float32) + 200.0)
+
+    def fail(**_):
+        raise ValueError("the model failed")
+
+    monkeypatch.setattr(runtime.controller, "replan", fail)
     runtime.submit()
-    with pytest.raises(RuntimeError, match="background planner failed"):
+    with pytest.raises(RuntimeError, match="background planner failed.*the model failed"):
         runtime.wait_for_plan()
 
 
