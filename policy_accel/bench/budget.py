@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import envs
 from policy_accel.control import Controller
 from policy_accel.execution import make_executor
+from policy_accel.json_files import write_json
 from policy_accel.policies.base import Policy
 
 
@@ -288,7 +288,7 @@ def run_sweep(
             path.write_text(sampler_yaml(best, config.budget_ms))
             report["sampler_config"] = str(path)
     report["plots"] = [str(p) for p in plots(rows, directory, config.name)]
-    (directory / f"{config.name}.json").write_text(json.dumps(report, indent=2))
+    write_json(directory / f"{config.name}.json", report)
     with open(directory / f"{config.name}.csv", "w", newline="") as handle:
         fields = [k for k in rows[0] if k not in ("latency_ms", "options", "devices")]
         writer = csv.DictWriter(handle, fieldnames=["label", *[f for f in fields if f != "label"]])

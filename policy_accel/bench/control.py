@@ -15,7 +15,6 @@ client round trip minus the server's own inference time). Results in
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import envs
 from policy_accel.bench.solvers import machine
 from policy_accel.control import Controller
+from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
             # finished configurations survive an interrupted run
-            args.output.write_text(json.dumps({"partial": True, "rows": rows}, indent=2))
+            write_json(args.output, {"partial": True, "rows": rows})
     reference = next((r for r in rows if r["method"] == "sequential"), None)
     for row in rows:
         if reference is not None:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.server:
         report["server"] = server_overhead(policy, args.env, env_kwargs, seeds[0])
     print(format_table(rows))
-    args.output.write_text(json.dumps(report, indent=2))
+    write_json(args.output, report)
     print(f"wrote {args.output}")
     return report
 

@@ -16,7 +16,6 @@ to ``--threads`` and recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from diffusers import DDPMScheduler
 
 from policy_accel.bench.solvers import machine
 from policy_accel.execution import LocalExecutor
+from policy_accel.json_files import write_json
 from policy_accel.policies.base import ConditionedDenoiser
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
 from policy_accel.sampling import DenoisingProblem, sample
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         output = args.output or Path("benchmarks/results/execution_cpu.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
+    write_json(output, report)
     for row in report["call_times"]:
         print(f"call  batch {row['batch']:>4} {row['mode']:9} {row['ms_median']:9.2f} ms")
     for row in report["replans"]:

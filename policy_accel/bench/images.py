@@ -13,7 +13,6 @@ measures per-round overhead on CPU; rounds are what carries over to real models 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -26,6 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from policy_accel.adapters import generate
 from policy_accel.adapters.compare import compare_with_paradigms
 from policy_accel.adapters.tiny import parameter_count, tiny_stable_diffusion
+from policy_accel.json_files import write_json
 
 RESULTS = Path("benchmarks/results/images.json")
 BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
+    write_json(args.out, payload)
     print(f"{'setting':16} {'method':20} {'rounds':>6} {'evals':>7} {'rel err':>9} {'x seq':>6}")
     for setting, rows in results.items():
         for method, row in rows.items():

@@ -11,7 +11,6 @@ same run. Results in ``benchmarks/results/policies.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from policy_accel.bench.solvers import machine
 from policy_accel.execution import make_executor
+from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 from policy_accel.sampling import SOLVERS
 from policy_accel.sampling.problem import noise_from_draws
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    write_json(args.output, report)
     header = (
         f"{'policy':36} {'method':10} {'rounds':>6} {'evals':>7} {'max err':>9} "
         f"{'norm err':>9} {'x seq':>6}"

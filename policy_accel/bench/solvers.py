@@ -14,7 +14,6 @@ what carries over to real networks.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from policy_accel.json_files import write_json
 from policy_accel.sampling import SOLVERS, DenoisingProblem, sample
 from policy_accel.sampling.analytic import GaussianMixtureDenoiser, action_chunk_means
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tolerance_sweep": sweep,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    write_json(args.output, report)
     print(format_table(rows))
     if sweep:
         print("\n" + format_sweep(sweep))

@@ -29,6 +29,7 @@ from policy_accel.eval.config import (
     SamplerConfig,
 )
 from policy_accel.eval.evaluate import paired_difference, rollout
+from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save(partial: dict | None = None) -> None:
         results = report["results"] + ([partial] if partial is not None else [])
-        args.output.write_text(json.dumps({**report, "results": results}, indent=2))
+        write_json(args.output, {**report, "results": results})
 
     for n in names:
         report["results"].append(

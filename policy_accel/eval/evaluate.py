@@ -21,7 +21,6 @@ files. An env that raises ends only its own episode, recorded with its ``error``
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import asdict
 from datetime import datetime
@@ -39,6 +38,7 @@ from policy_accel.control.batch import BatchController
 from policy_accel.control.controller import latency_stats
 from policy_accel.eval.config import EvalConfig, SamplerConfig
 from policy_accel.eval.guard import EpisodeGuard
+from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
 
@@ -297,14 +297,28 @@ def paired_difference(a: list[dict], b: list[dict]) -> dict[str, float]:
     if not pairs:
         return {"n": 0}
     d = np.array([x - y for x, y in pairs])
-    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
     mean = float(d.mean())
+    if len(d) < 2:  # no interval from one pair: undefined, written as null
+        return {"n": len(d), "diff": mean, "ci95_low": None, "ci95_high": None}
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
     return {"n": len(d), "diff": mean, "ci95_low": mean - half, "ci95_high": mean + half}
 
 
 def output_directory(config: EvalConfig, name: str) -> Path:
+    """A new directory ``<output_dir>/<date>/<time>_<name>`` (``_2``, ``_3``, ... appended when
+    another eval took that name in the same second), created here so two runs never share it."""
     now = datetime.now()
-    return Path(config.eval.output_dir) / now.strftime("%Y-%m-%d") / f"{now:%H-%M-%S}_{name}"
+    parent = Path(config.eval.output_dir) / now.strftime("%Y-%m-%d")
+    parent.mkdir(parents=True, exist_ok=True)
+    base = f"{now:%H-%M-%S}_{name}"
+    for attempt in range(1, 10_000):
+        directory = parent / (base if attempt == 1 else f"{base}_{attempt}")
+        try:
+            directory.mkdir()
+            return directory
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free output directory for {base} in {parent}.")
 
 
 def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tuple[dict, Path]:
@@ -314,7 +328,6 @@ def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tup
     samplers = [config.sampler, *config.compare_samplers]
     name = config.eval.name or f"{config.env.name.replace('/', '_')}_{config.sampler.label}"
     directory = output_directory(config, name)
-    directory.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "name": name,
         "policy": config.policy.path,
@@ -330,9 +343,7 @@ def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tup
         snapshot["runs"] = runs + (
             [{"sampler": label, "partial": True, "per_episode": partial}] if partial else []
         )
-        tmp = directory / "eval_info.json.tmp"
-        tmp.write_text(json.dumps(snapshot, indent=2, default=float))
-        tmp.replace(directory / "eval_info.json")
+        write_json(directory / "eval_info.json", snapshot)
 
     for sampler in samplers:
         run = rollout(
@@ -364,7 +375,5 @@ def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tup
             }
             for run in runs
         ]
-    tmp = directory / "eval_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, default=float))
-    tmp.replace(directory / "eval_info.json")
+    write_json(directory / "eval_info.json", info)
     return info, directory

@@ -177,3 +177,25 @@ def test_config_errors_name_the_bad_key():
         {"sampler": {"method": "newton", "options": {"tolerance": 1e-4}}}
     )
     assert config.sampler.options == {"tolerance": 1e-4} and np.isclose(config.env.first_seed, 1e5)
+
+
+def test_evals_started_in_the_same_second_get_their_own_directories(tiny_pusht_policy, tmp_path):
+    from policy_accel.eval.evaluate import output_directory
+
+    config = _config(tiny_pusht_policy, tmp_path)
+    directories = {output_directory(config, "same") for _ in range(5)}
+    assert len(directories) == 5 and all(d.is_dir() for d in directories)
+
+
+def test_eval_info_is_strict_json_when_a_statistic_is_undefined(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    config.compare_samplers = [SamplerConfig(method="sequential", warm_start=False, name="seq")]
+    _, directory = evaluate(config, progress=False)
+    text = (directory / "eval_info.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    saved = json.loads(text, parse_constant=refuse)  # NaN / Infinity would raise here
+    diff = saved["compare"][1]["success_diff_vs_first"]
+    assert diff["n"] == 1 and diff["ci95_low"] is None and diff["ci95_high"] is None
