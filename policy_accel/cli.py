@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # the event loop answers pings, /healthz and new connections while plans run in worker
+    # threads: a 1 ms GIL switch interval (default 5 ms) keeps it responsive under load
+    sys.setswitchinterval(0.001)
     from policy_accel.control.server import serve
     from policy_accel.sampling.errors import SolverOptionError
 
@@ -96,6 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
             device=args.device,
             max_workers=args.workers,
+            max_connections=args.max_connections,
+            api_key=args.api_key or os.environ.get("POLICY_ACCEL_API_KEY") or None,
             on_start=announce,
             **options,
         )
@@ -179,9 +185,14 @@ def _eval(args: argparse.Namespace) -> int:
         )
         diff = row.get("success_diff_vs_first")
         if diff and diff.get("n") and row is not rows[0]:
+            interval = (
+                f"95% CI {diff['ci95_low']:+.2f} .. {diff['ci95_high']:+.2f}"
+                if diff.get("ci95_low") is not None
+                else "no interval from one episode"
+            )
             print(
                 f"{'':<18} success vs {rows[0]['sampler']}: {diff['diff']:+.2f} "
-                f"(95% CI {diff['ci95_low']:+.2f} .. {diff['ci95_high']:+.2f}, n={diff['n']})"
+                f"({interval}, n={diff['n']})"
             )
     print(f"wrote {directory / 'eval_info.json'}")
     return 0
@@ -274,7 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         "serve", help="serve a policy over websockets (openpi protocol), one Controller per client"
     )
     serve.add_argument("checkpoint", help="a checkpoint load_policy reads (.ckpt, directory)")
-    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Api-Key KEY' from clients (default: $POLICY_ACCEL_API_KEY)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=32, help="clients connected at once (more: 503)"
+    )
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--method", default="picard", help="solver (sequential, picard, ...)")
     serve.add_argument(
@@ -318,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
-    except (OSError, ValueError) as error:
-        print(f"policy-accel {args.command}: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:  # CheckpointError and ObservationError included
+        message = " ".join(str(error).split())  # one line, whatever the error's text holds
+        print(f"policy-accel {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from policy_accel.control import wire
@@ -29,6 +29,8 @@ class PolicyClient:
         timeout: seconds to wait for the connection and for each reply. After a reply times out
             the connection is closed, since a late reply would otherwise be read as the next one.
         max_message_bytes: the largest reply accepted.
+        api_key: sent as ``Authorization: Api-Key <key>`` (as openpi's client does) to a server
+            started with one.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class PolicyClient:
         port: int = 8000,
         timeout: float = 30.0,
         max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+        api_key: str | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self.timeout = timeout
@@ -49,8 +52,15 @@ class PolicyClient:
                     compression=None,
                     max_size=max_message_bytes,
                     open_timeout=timeout,
+                    additional_headers={"Authorization": f"Api-Key {api_key}"} if api_key else None,
                 )
             )
+        except InvalidStatus as error:
+            body = error.response.body.decode("utf-8", "replace").strip()[:300]
+            raise ConnectionError(
+                f"the policy server at {self.address} refused the connection (HTTP "
+                f"{error.response.status_code}): {body}"
+            ) from error
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as error:
             raise ConnectionError(
                 f"cannot reach a policy server at {self.address} ({type(error).__name__}: "

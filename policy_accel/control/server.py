@@ -16,9 +16,12 @@ Protocol (that of openpi's ``WebsocketPolicyServer``, so ``openpi_client``'s
    for a worker thread), ``prev_total_ms`` the previous inference's receive-to-sent time (absent on
    a connection's first, as in openpi), ``policy_timing.infer_ms`` the Controller's own latency.
 3. A refused request (malformed msgpack, not a map, a missing or unexpected key, a wrong shape or
-   dtype, NaN/Inf, over ``max_message_bytes``, a text frame) is answered with a TEXT frame naming
-   the problem and changes nothing: the connection stays open and its Controller is untouched.
-   openpi's client raises ``RuntimeError`` on a text reply; ours raises ``ServerError``.
+   dtype, NaN/Inf, values far outside the policy's range, a text frame, a decode that runs past
+   ``request_timeout_s``) is answered with a TEXT frame naming the problem (at most
+   ``messages.MESSAGE_LIMIT`` characters) and changes nothing: the connection stays open and its
+   Controller is untouched. A plan that fails after the request was accepted is also answered
+   with a text frame and also leaves the Controller as it was. openpi's client raises
+   ``RuntimeError`` on a text reply; ours raises ``ServerError``.
 
 Reset. A new connection is a new episode: a fresh Controller (empty history, generator seeded with
 ``seed``, so a connection's chunks equal a local ``Controller(policy, ..., seed=seed)``'s). The
@@ -27,58 +30,84 @@ its stream, as ``Controller.reset`` does). Sent alone it is answered ``{"reset":
 with observation keys it resets and then plans from that observation, the first step of the new
 episode in one round trip, and the reply carries ``"reset": True`` beside the actions.
 
-Concurrency. Plans run in a thread pool of ``max_workers`` threads, never on the event loop, so a
-slow plan does not stall other connections, pings or ``/healthz``. Connections share one policy
-without a lock: its networks are in eval mode and only read, run under ``torch.no_grad`` (grad
-mode is thread-local), schedulers are copied before ``set_timesteps`` and each Controller owns its
-noise generator. Only its own connection's handler touches a Controller, one request at a time.
-``max_workers=1`` queues all plans (for a policy that is not safe to run from several threads).
+Concurrency. Every connection has its own thread (websockets' threading server): a connection
+receiving a frame of megabytes or waiting for its plan never delays another one, pings or
+``/healthz`` (an asyncio loop serving all connections answered ``/healthz`` in 120-240 ms while
+8 clients sent 8 MiB frames; see ``benchmarks/fuzz_server.py``). Requests are decoded and
+validated on ``decode_workers`` threads within ``request_timeout_s`` and bounded in work
+(:class:`~policy_accel.control.wire.DecodeLimits`); plans run on ``max_workers`` threads.
+Connections share one policy: its networks are in eval mode and only read, under
+``torch.no_grad`` (grad mode is thread-local); forward-mode JVPs, whose state torch keeps per
+process, are serialised by :mod:`policy_accel.execution.autodiff`; schedulers are copied before
+``set_timesteps``, rules are cached under a lock, and each Controller owns its noise generator.
+Only its own connection's thread touches a Controller, one request at a time.
 
-Sizes. The server checks each request against ``max_message_bytes`` before decoding it and
-answers an oversized one with an error; the transport's own limit is 4x larger, so only a grossly
-oversized frame closes the connection (code 1009).
+Limits. The transport refuses a frame over ``max_message_bytes`` (close code 1009, "message too
+big") and queues at most ``MAX_QUEUED_FRAMES`` frames per connection; at most ``max_connections``
+clients are connected at once (others get HTTP 503), so the server's memory is bounded by about
+``max_connections * (MAX_QUEUED_FRAMES + 1) * max_message_bytes`` plus the policy.
+
+Access. The server listens on 127.0.0.1 by default. With ``api_key`` set, a client must send the
+header ``Authorization: Api-Key <key>`` (what ``openpi_client``'s ``api_key`` sends) or gets
+HTTP 401; ``/healthz`` stays open. Listening beyond loopback without a key logs a warning.
+
+Shutdown. SIGINT/SIGTERM (or :meth:`PolicyServer.stop`) closes the connections and returns within
+about a second; a plan still running then is abandoned (the workers are daemon threads). A client
+that does not complete its opening handshake within ``OPEN_TIMEOUT_S`` is dropped.
 """
 
 from __future__ import annotations
 
-import asyncio
+import gc
+import hmac
 import http
+import ipaddress
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection
-from websockets.asyncio.server import serve as websocket_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.sync.server import ServerConnection
+from websockets.sync.server import serve as websocket_serve
 
 from policy_accel.control import wire
 from policy_accel.control.controller import Controller
-from policy_accel.policies.base import Policy
+from policy_accel.control.memory import BIG_REQUEST_BYTES, limit_heap_arenas, release_freed_memory
+from policy_accel.control.workers import WorkerPool, forget_frames
+from policy_accel.messages import bounded, preview
+from policy_accel.policies.base import ObservationError, Policy, describe_spec
 from policy_accel.policies.loading import load_policy
 from policy_accel.sampling.sample import solver_options as parse_solver_options
 
 logger = logging.getLogger(__name__)
 
 RESET_KEY = wire.RESET_KEY
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
-TRANSPORT_SIZE_FACTOR = 4
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_REQUEST_TIMEOUT_S = 5.0
+# lockstep clients have one request in flight; a few more frames are queued, never 16 x 32 MiB
+MAX_QUEUED_FRAMES = 1
+SHUTDOWN_GRACE_S = 0.5
+OPEN_TIMEOUT_S = 5.0  # a client that does not finish its handshake in time is dropped
 # a connection's Controller appends a PlanRecord per plan; the server reads only the last one, so
 # it keeps a bounded tail instead of growing for as long as a robot stays connected
 KEPT_RECORDS = 1000
 
 __all__ = [
+    "DEFAULT_HOST",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "RESET_KEY",
     "PolicyServer",
     "RequestError",
-    "check_observation",
+    "check_request",
     "serve",
 ]
 
@@ -87,50 +116,34 @@ class RequestError(ValueError):
     """A request the server refuses; its text goes back to the client as a text frame."""
 
 
-def check_observation(
-    payload: dict, spec: dict[str, tuple[int, ...]], n_obs_steps: int
-) -> dict[str, np.ndarray]:
-    """One observation step validated against ``spec`` (key -> per-step shape), as float32
-    copies; raises :class:`RequestError` naming the key, what was expected and why."""
-    expected = {key: tuple(shape) for key, shape in spec.items()}
-    missing = sorted(set(expected) - set(payload))
-    unexpected = sorted(set(payload) - set(expected), key=repr)
+def check_request(payload: dict, policy: Policy) -> dict[str, np.ndarray]:
+    """One observation step validated against the policy (exactly its keys, each a numpy array
+    of the per-step shape, finite and in range), as float32 copies; raises
+    :class:`RequestError` naming the key, what was expected and why."""
+    spec = policy.observation_spec
+    payload = policy.rename_observation(payload)
+    missing = [key for key in spec if key not in payload]
+    unexpected = [key for key in payload if key not in spec]
     if missing or unexpected:
         problems = []
         if missing:
-            problems.append(f"missing key(s) {missing}")
+            problems.append(f"missing key(s) {preview(missing)}")
         if unexpected:
-            problems.append(f"unexpected key(s) {unexpected}")
+            problems.append(f"unexpected key(s) {preview(unexpected)}")
         raise RequestError(
             f"observation has {' and '.join(problems)}; this policy takes one step of "
-            f"{_describe(expected)} per request (plus {RESET_KEY!r}: True to reset)."
+            f"{describe_spec(spec)} per request (plus {RESET_KEY!r}: True to reset)."
         )
-    history = f"one step: the server keeps the n_obs_steps={n_obs_steps} history"
-    observation = {}
-    for key, shape in expected.items():
-        value = payload[key]
-        if isinstance(value, np.generic):
-            value = np.asarray(value)
-        if not isinstance(value, np.ndarray):
+    for key, shape in spec.items():
+        if not isinstance(payload[key], (np.ndarray, np.generic)):
             raise RequestError(
-                f"obs[{key!r}] is a {type(value).__name__}; expected a float array of shape "
-                f"{shape} ({history}), sent as a msgpack-numpy array."
+                f"obs[{key!r}] is a {type(payload[key]).__name__}; expected a float array of "
+                f"shape {tuple(shape)} (one step), sent as a msgpack-numpy array."
             )
-        if value.dtype.kind not in "fiu":
-            raise RequestError(
-                f"obs[{key!r}] has dtype {value.dtype}; expected a real number array of shape "
-                f"{shape} (float32 preferred)."
-            )
-        if value.shape != shape:
-            raise RequestError(
-                f"obs[{key!r}] has shape {value.shape}, expected {shape} ({history})."
-            )
-        with np.errstate(over="ignore"):  # an overflow becomes Inf, refused just below
-            value = value.astype(np.float32)  # a copy; the policy computes in float32 anyway
-        if not np.all(np.isfinite(value)):
-            raise RequestError(f"obs[{key!r}] contains NaN or Inf (after conversion to float32).")
-        observation[key] = value
-    return observation
+    try:
+        return policy.check_observation_step(payload)
+    except ObservationError as error:
+        raise RequestError(str(error)) from error
 
 
 class PolicyServer:
@@ -142,15 +155,20 @@ class PolicyServer:
             one once the server listens.
         method, warm_start, n_action_steps, budget_ms, fallback_steps, seed, solver_options:
             the settings of every connection's Controller.
-        max_message_bytes: the largest request the server decodes; larger ones get an error.
+        max_message_bytes: the largest request frame accepted (larger frames close the
+            connection with code 1009).
         max_workers: threads that run plans; concurrent connections plan in parallel up to this.
+        decode_workers: threads that decode and validate requests.
+        max_connections: clients connected at once; more get HTTP 503.
+        request_timeout_s: a request not decoded and validated within this time gets an error.
+        api_key: when set, clients must send ``Authorization: Api-Key <key>``.
     """
 
     def __init__(
         self,
         policy: Policy,
         *,
-        host: str = "0.0.0.0",
+        host: str = DEFAULT_HOST,
         port: int = 8000,
         method: str = "picard",
         warm_start: bool = True,
@@ -160,18 +178,34 @@ class PolicyServer:
         seed: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_workers: int = 4,
+        decode_workers: int = 2,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        api_key: str | None = None,
         **solver_options: Any,
     ) -> None:
-        if max_message_bytes < 1:
-            raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}.")
-        if max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, got {max_workers}.")
+        for name, value in (
+            ("max_message_bytes", max_message_bytes),
+            ("max_workers", max_workers),
+            ("decode_workers", decode_workers),
+            ("max_connections", max_connections),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s!r}.")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ValueError("api_key must be a non-empty string or None.")
         parse_solver_options(method, **solver_options)  # unknown options fail now, not per plan
         self.policy = policy
         self.host = host
         self.port = port
         self.max_message_bytes = int(max_message_bytes)
         self.max_workers = int(max_workers)
+        self.decode_workers = int(decode_workers)
+        self.max_connections = int(max_connections)
+        self.request_timeout_s = float(request_timeout_s)
+        self._api_key = api_key
         self._controller_settings = dict(
             method=method,
             warm_start=warm_start,
@@ -202,40 +236,56 @@ class PolicyServer:
             "max_message_bytes": self.max_message_bytes,
         }
         self._metadata_frame = wire.pack(self.metadata)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._server = None
+        self._stopping = threading.Event()
+        self._plans: WorkerPool | None = None
+        self._decoders: WorkerPool | None = None
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._connections = 0
 
     def new_controller(self) -> Controller:
         """A fresh Controller with the server's settings (what each connection gets)."""
         return Controller(self.policy, **self._controller_settings)
 
+    @property
+    def connections(self) -> int:
+        """Clients connected now."""
+        return self._connections
+
     # -- running -------------------------------------------------------------------------------
-    async def run(
-        self, on_start: Callable[[int], None] | None = None, stop_on_signals: bool = False
-    ) -> None:
-        """Serve until :meth:`stop` (or SIGINT/SIGTERM with ``stop_on_signals``); ``on_start``
-        gets the bound port once the server listens."""
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        if stop_on_signals:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self._loop.add_signal_handler(signum, self._stopping.set)
-                except (NotImplementedError, RuntimeError):
-                    pass  # no signal handlers on Windows loops or off the main thread
-        self._pool = ThreadPoolExecutor(self.max_workers, thread_name_prefix="policy-plan")
+    def run(self, on_start: Callable[[int], None] | None = None) -> None:
+        """Serve until :meth:`stop` is called from another thread; ``on_start`` gets the bound
+        port once the server listens."""
+        if self._api_key is None and not _is_loopback(self.host):
+            logger.warning(
+                "serving on %s without an API key: anyone who can reach this address can drive "
+                "the robot's policy; pass api_key (--api-key) or listen on 127.0.0.1.",
+                self.host,
+            )
+        self._stopping.clear()
+        # The objects alive now (the policy, torch's modules: ~350,000) never become garbage;
+        # frozen, the collector skips them. Unfrozen, each full collection held the GIL for
+        # ~240 ms on this CPU: a stall of every connection, /healthz and every plan at once.
+        gc.collect()
+        gc.freeze()
+        limit_heap_arenas()
+        self._plans = WorkerPool(self.max_workers, "policy-plan")
+        self._decoders = WorkerPool(self.decode_workers, "policy-decode")
         try:
-            async with websocket_serve(
+            with websocket_serve(
                 self._handle,
                 self.host,
                 self.port,
-                process_request=_health_check,
-                max_size=self.max_message_bytes * TRANSPORT_SIZE_FACTOR,
+                process_request=self._admit,
+                max_size=self.max_message_bytes,
+                max_queue=MAX_QUEUED_FRAMES,
                 compression=None,
+                open_timeout=OPEN_TIMEOUT_S,
+                close_timeout=SHUTDOWN_GRACE_S,
             ) as server:
-                self.port = server.sockets[0].getsockname()[1]
+                self._server = server
+                self.port = server.socket.getsockname()[1]
                 logger.info(
                     "serving %s (%s) on ws://%s:%d",
                     type(self.policy).__name__,
@@ -245,13 +295,26 @@ class PolicyServer:
                 )
                 if on_start is not None:
                     on_start(self.port)
-                await self._stopping.wait()
+                if self._stopping.is_set():  # stop() came before the server listened
+                    return
+                server.serve_forever()  # until shutdown() from stop()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._server = None
+            self._plans.shutdown(SHUTDOWN_GRACE_S)
+            self._decoders.shutdown(SHUTDOWN_GRACE_S)
 
     def serve_forever(self, on_start: Callable[[int], None] | None = None) -> None:
-        """Block serving until SIGINT/SIGTERM (the command-line entry point)."""
-        asyncio.run(self.run(on_start, stop_on_signals=True))
+        """Block serving until SIGINT/SIGTERM (the command-line entry point; main thread)."""
+
+        def on_signal(signum, frame) -> None:
+            threading.Thread(target=self._shutdown, name="policy-server-stop").start()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.run(on_start)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def start_in_thread(self, timeout: float = 30.0) -> int:
         """Serve from a daemon thread (tests, notebooks); returns the bound port."""
@@ -262,7 +325,7 @@ class PolicyServer:
 
         def target() -> None:
             try:
-                asyncio.run(self.run(on_start=lambda _: started.set()))
+                self.run(on_start=lambda _: started.set())
             except BaseException as error:  # surfaced to start_in_thread's caller below
                 failure.append(error)
                 logger.exception("the policy server stopped with an error")
@@ -277,16 +340,22 @@ class PolicyServer:
         return self.port
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop serving (from any thread): close connections, let running plans finish."""
-        if self._loop is None or self._stopping is None:
+        """Stop serving (from any thread but the serving one): close connections, abandon plans
+        still running after a short grace period."""
+        if self._server is None and (self._thread is None or not self._thread.is_alive()):
             raise RuntimeError("the server is not running.")
-        self._loop.call_soon_threadsafe(self._stopping.set)
+        self._shutdown()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise TimeoutError(f"the policy server did not stop within {timeout} s.")
             self._thread = None
-        self._loop = self._stopping = None
+
+    def _shutdown(self) -> None:
+        self._stopping.set()  # handlers waiting on a plan give up at once
+        server = self._server
+        if server is not None:
+            server.shutdown()
 
     def __enter__(self) -> PolicyServer:
         self.start_in_thread()
@@ -295,38 +364,93 @@ class PolicyServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    # -- admission -----------------------------------------------------------------------------
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """``GET /healthz`` -> 200; then the API key (401) and the connection cap (503); None
+        lets the websocket handshake go on."""
+        if request.path == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if self._api_key is not None:
+            sent = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Api-Key {self._api_key}".encode()):
+                return connection.respond(
+                    http.HTTPStatus.UNAUTHORIZED,
+                    "this server needs an API key: send the header 'Authorization: Api-Key "
+                    "<key>' (openpi_client: WebsocketClientPolicy(..., api_key=...)).\n",
+                )
+        if self._connections >= self.max_connections:
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the server is at its limit of {self.max_connections} connections; retry later.\n",
+            )
+        return None
+
     # -- one connection ------------------------------------------------------------------------
-    async def _handle(self, connection: ServerConnection) -> None:
+    def _handle(self, connection: ServerConnection) -> None:
+        """One connection, in its own thread: lockstep requests and replies."""
         peer = connection.remote_address
+        with self._lock:
+            self._connections += 1
         logger.info("connection from %s opened", peer)
         controller = self.new_controller()
         prev_total_ms: float | None = None
         try:
-            await connection.send(self._metadata_frame)
-            async for message in connection:
+            connection.send(self._metadata_frame)
+            for message in connection:
                 received = time.perf_counter()
+                big = len(message) >= BIG_REQUEST_BYTES
                 try:
-                    reply = await self._respond(controller, message, prev_total_ms)
+                    reply = self._respond(controller, message, prev_total_ms)
                 except RequestError as error:
-                    await connection.send(str(error))
+                    forget_frames(error)  # the request's bytes are freed now, not at the next gc
+                    connection.send(bounded(str(error)))
                     continue
+                except _Stopping:
+                    return
                 except Exception as error:
-                    logger.exception("planning for %s failed", peer)
-                    await connection.send(
-                        f"planning failed: {type(error).__name__}: {error} (the observation is in "
-                        f"the history; send {RESET_KEY!r}: True to start over)."
+                    forget_frames(error)
+                    logger.warning("planning for %s failed: %r", peer, error)
+                    connection.send(
+                        bounded(
+                            f"planning failed: {type(error).__name__}: {error} (nothing was "
+                            "recorded; the connection's episode goes on)."
+                        )
                     )
                     continue
-                await connection.send(wire.pack(reply))
+                finally:
+                    del message  # a request of megabytes is not kept while the next one waits
+                    if big:
+                        release_freed_memory()
+                connection.send(wire.pack(reply))
                 if "actions" in reply:
                     prev_total_ms = (time.perf_counter() - received) * 1e3
         except ConnectionClosed:
             pass  # the client left, possibly mid-request: nothing to answer
         finally:
+            with self._lock:
+                self._connections -= 1
             logger.info("connection from %s closed", peer)
+            if not self._stopping.is_set():
+                release_freed_memory()  # the working memory of this connection's plans
+
+    def _wait(self, future, timeout: float | None = None):
+        """A worker's result, waited for in short slices so that a stopping server does not wait
+        for a plan still running (the worker is a daemon thread and is abandoned)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._stopping.is_set():
+                future.cancel()
+                raise _Stopping
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError
+            try:
+                return future.result(timeout=0.05 if left is None else min(0.05, left))
+            except FutureTimeout:
+                continue
 
     def _parse(self, message: bytes | str) -> tuple[bool, dict[str, np.ndarray] | None]:
-        """(reset?, observation or None) of a request, or a RequestError."""
+        """(reset?, observation or None) of a request, or a RequestError (a worker's job)."""
         if isinstance(message, str):
             raise RequestError(
                 "got a text frame; send each request as a binary msgpack frame "
@@ -346,31 +470,36 @@ class PolicyServer:
             raise RequestError(
                 f"a request must be a msgpack map of observation keys, got a "
                 f"{type(payload).__name__}; this policy takes "
-                f"{_describe(self.policy.observation_spec)}."
+                f"{describe_spec(self.policy.observation_spec)}."
             )
         reset = payload.pop(RESET_KEY, False)
         if not isinstance(reset, bool):
-            raise RequestError(f"{RESET_KEY!r} must be true or false, got {reset!r}.")
+            raise RequestError(f"{RESET_KEY!r} must be true or false, got {type(reset).__name__}.")
         if not payload:
             if reset:
                 return True, None
             raise RequestError(
-                f"empty request; send {_describe(self.policy.observation_spec)} or "
+                f"empty request; send {describe_spec(self.policy.observation_spec)} or "
                 f"{{{RESET_KEY!r}: True}}."
             )
-        spec = self.policy.observation_spec
-        return reset, check_observation(payload, spec, self.policy.n_obs_steps)
+        return reset, check_request(payload, self.policy)
 
-    async def _respond(
+    def _respond(
         self, controller: Controller, message: bytes | str, prev_total_ms: float | None
     ) -> dict[str, Any]:
-        reset, observation = self._parse(message)
+        try:
+            reset, observation = self._wait(
+                self._decoders.submit(self._parse, message), self.request_timeout_s
+            )
+        except TimeoutError as error:
+            raise RequestError(
+                f"the request was not decoded and validated within {self.request_timeout_s:g} s; "
+                "send one observation step (a map of arrays)."
+            ) from error
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        chunk = await loop.run_in_executor(self._pool, _step, controller, reset, observation)
+        chunk, record = self._wait(self._plans.submit(_step, controller, reset, observation))
         if chunk is None:
             return {"reset": True}
-        record = controller.records[-1]
         server_timing = {"infer_ms": (time.perf_counter() - start) * 1e3}
         if prev_total_ms is not None:
             server_timing["prev_total_ms"] = prev_total_ms
@@ -392,34 +521,35 @@ class PolicyServer:
         return reply
 
 
-def _step(
-    controller: Controller, reset: bool, observation: dict[str, np.ndarray] | None
-) -> np.ndarray | None:
-    """A worker thread's job: reset and/or plan; ``None`` when there was nothing to plan."""
+class _Stopping(Exception):
+    """The server is stopping while a connection waits for a worker."""
+
+
+def _step(controller: Controller, reset: bool, observation: dict[str, np.ndarray] | None):
+    """A worker thread's job: reset and/or plan; ``(None, None)`` when there was nothing to
+    plan, else the chunk and its record."""
     if reset:
         controller.reset()
     if observation is None:
-        return None
+        return None, None
     chunk = controller.plan(observation)
+    record = controller.records[-1]
     del controller.records[:-KEPT_RECORDS]
-    return chunk
+    return chunk, record
 
 
-def _describe(spec: dict[str, tuple[int, ...]]) -> str:
-    return "{" + ", ".join(f"{key!r}: shape {tuple(shape)}" for key, shape in spec.items()) + "}"
-
-
-def _health_check(connection: ServerConnection, request: Request) -> Response | None:
-    """``GET /healthz`` -> 200 OK (load balancers, readiness probes); other paths go on to the
-    websocket handshake."""
-    if request.path == "/healthz":
-        return connection.respond(http.HTTPStatus.OK, "OK\n")
-    return None
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
 
 
 def serve(
     checkpoint_or_policy: str | Path | Policy,
-    host: str = "0.0.0.0",
+    host: str = DEFAULT_HOST,
     port: int = 8000,
     method: str = "picard",
     warm_start: bool = True,
@@ -431,7 +561,8 @@ def serve(
 ) -> None:
     """Load a checkpoint (any format :func:`~policy_accel.load_policy` reads) or take a loaded
     policy and serve it until SIGINT/SIGTERM. ``options`` go to :class:`PolicyServer`
-    (``n_action_steps``, ``fallback_steps``, ``seed``, ``max_workers``, solver options)."""
+    (``n_action_steps``, ``fallback_steps``, ``seed``, ``max_workers``, ``max_connections``,
+    ``api_key``, solver options)."""
     if isinstance(checkpoint_or_policy, Policy):
         policy = checkpoint_or_policy
     else:

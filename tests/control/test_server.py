@@ -157,7 +157,12 @@ def _malformed_requests(rng: np.random.Generator, good: np.ndarray) -> list[byte
         msgpack.packb({"obs": _array_marker("<f4", b"\0" * 40, [20])}),  # length mismatch
         msgpack.packb({"obs": _array_marker("<f4", b"\0" * 80, [10**12])}),  # huge shape
         msgpack.packb({"obs": _array_marker("nonsense", b"\0" * 80, [20])}),
-        pack({"obs": np.zeros(MAX_MESSAGE_BYTES // 4 + 1, np.float32)}),  # over the limit
+        pack({"obs": np.full(20, 1e30, np.float32)}),  # finite, but no model takes it
+        pack({"obs": good, "x" * 5000: 1}),  # a long unknown key
+        msgpack.packb({"obs": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {}}}}}}}}}}),
+        msgpack.packb({"obs": [None] * 5000}),  # a long list
+        msgpack.packb({f"k{i}": None for i in range(300)}),  # too many keys in one map
+        msgpack.packb({"obs": [[None] * 1000] * 10}),  # too many entries in all
     ]
 
 
@@ -192,7 +197,7 @@ def test_refusals_name_the_problem_and_the_expected_shape(picard_server):
             ({"state": good}, r"missing key\(s\) \['obs'\] and unexpected key\(s\) \['state'\]"),
             ({"obs": np.full(20, np.nan, np.float32)}, "NaN or Inf"),
             ({"obs": np.array(["a"] * 20)}, "expected a real number array"),
-            ({"obs": np.zeros(MAX_MESSAGE_BYTES, np.uint8)}, "exceeds max_message_bytes"),
+            ({"obs": np.full(20, 1e30, np.float32)}, "normalized units"),
         ]
         for request, message in cases:
             with pytest.raises(ServerError, match=message):
@@ -327,3 +332,152 @@ def test_wire_refuses_malformed_msgpack_and_oversized_messages():
         unpack(pack({"x": np.zeros(4)})[:-3])
     with pytest.raises(WireError, match="exceeds the limit of 10 bytes"):
         unpack(pack({"x": np.zeros(4)}), max_bytes=10)
+
+
+# --- hostile input and limits -----------------------------------------------------------------
+
+
+def _healthz_ms(port: int) -> float:
+    import time
+
+    start = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+        assert response.status == 200
+    return (time.perf_counter() - start) * 1e3
+
+
+def _crafted_bodies(size: int) -> dict[str, bytes]:
+    """Requests within an 8 MiB limit that once stalled the event loop for seconds to minutes."""
+    nested: object = [None] * 200_000
+    for level in range(31):
+        nested = {f"key{level}" * 400: nested}
+    array = {b"__ndarray__": True, b"data": b"", b"dtype": "<f4", b"shape": [0]}
+    return {
+        "millions of nils": msgpack.packb([None] * (size - 16)),
+        "nested maps around nils": msgpack.packb(nested),
+        "empty arrays": msgpack.packb([array] * (size // 48)),
+        "many unknown keys": msgpack.packb({f"k{i}": None for i in range(size // 12)}),
+        "many small lists": msgpack.packb([[None] * 100] * (size // 110)),
+    }
+
+
+def test_crafted_requests_are_refused_fast_while_healthz_answers(tiny_pusht_policy):
+    import time
+
+    limit = 8 * 1024 * 1024
+    with PolicyServer(tiny_pusht_policy, port=0, max_message_bytes=limit, **SEQUENTIAL) as server:
+        local = Controller(tiny_pusht_policy, **SEQUENTIAL)
+        stop, worst = threading.Event(), [0.0]
+
+        def poll() -> None:
+            while not stop.is_set():
+                worst[0] = max(worst[0], _healthz_ms(server.port))
+                time.sleep(0.01)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            with connect(f"ws://127.0.0.1:{server.port}", max_size=None) as connection:
+                connection.recv(timeout=10)
+                for name, body in _crafted_bodies(limit - 64).items():
+                    assert len(body) <= limit, name
+                    start = time.perf_counter()
+                    connection.send(body)
+                    reply = connection.recv(timeout=30)
+                    assert isinstance(reply, str) and len(reply) <= 2000, name
+                    assert time.perf_counter() - start < 2.0, name
+                obs = observations(30, 1)[0]
+                connection.send(pack({"obs": obs}))
+                np.testing.assert_array_equal(
+                    unpack(connection.recv(timeout=30))["actions"], local.plan(obs)
+                )
+        finally:
+            stop.set()
+            poller.join()
+    assert worst[0] < 500, f"/healthz took {worst[0]:.0f} ms"  # the fuzz bench holds 100 ms
+
+
+def test_an_oversized_frame_closes_only_its_own_connection(tiny_pusht_policy, picard_server):
+    from websockets.exceptions import ConnectionClosed
+
+    with connect(f"ws://127.0.0.1:{picard_server.port}", max_size=None) as connection:
+        connection.recv(timeout=10)
+        connection.send(pack({"obs": np.zeros(MAX_MESSAGE_BYTES // 4 + 1, np.float32)}))
+        with pytest.raises(ConnectionClosed) as closed:
+            connection.recv(timeout=10)
+        assert closed.value.rcvd.code == 1009  # message too big
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        assert client.infer({"obs": observations(31, 1)[0]})["actions"].shape == (8, 2)
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+def test_the_api_key_is_required_when_set(tiny_pusht_policy):
+    with PolicyServer(tiny_pusht_policy, port=0, api_key="s3cret", **SEQUENTIAL) as server:
+        for key in (None, "wrong"):
+            with pytest.raises(ConnectionError, match="HTTP 401.*Api-Key"):
+                PolicyClient("127.0.0.1", server.port, api_key=key)
+        with PolicyClient("127.0.0.1", server.port, api_key="s3cret") as client:
+            assert client.infer({"obs": observations(32, 1)[0]})["actions"].shape == (8, 2)
+        assert _healthz_ms(server.port) > 0  # probes need no key
+        policy_module = pytest.importorskip("openpi_client.websocket_client_policy")
+        openpi = policy_module.WebsocketClientPolicy("127.0.0.1", server.port, api_key="s3cret")
+        try:
+            assert openpi.infer({"obs": observations(33, 1)[0]})["actions"].shape == (8, 2)
+        finally:
+            openpi._ws.close()
+
+
+def test_connections_beyond_the_cap_are_turned_away(tiny_pusht_policy):
+    with PolicyServer(tiny_pusht_policy, port=0, max_connections=2, **SEQUENTIAL) as server:
+        first = PolicyClient("127.0.0.1", server.port)
+        second = PolicyClient("127.0.0.1", server.port)
+        with pytest.raises(ConnectionError, match="HTTP 503"):
+            PolicyClient("127.0.0.1", server.port)
+        first.close()
+        for _ in range(100):  # the server sees the close shortly after
+            if server.connections < 2:
+                break
+            threading.Event().wait(0.02)
+        with PolicyClient("127.0.0.1", server.port) as third:
+            assert third.infer({"obs": observations(34, 1)[0]})["actions"].shape == (8, 2)
+        second.close()
+
+
+def test_serving_beyond_loopback_without_a_key_warns(tiny_pusht_policy, caplog):
+    assert PolicyServer(tiny_pusht_policy, port=0).host == "127.0.0.1"  # the default
+    with caplog.at_level("WARNING", logger="policy_accel.control.server"):
+        with PolicyServer(tiny_pusht_policy, host="0.0.0.0", port=0, **SEQUENTIAL):
+            pass
+    assert "without an API key" in caplog.text
+
+
+def test_sigterm_stops_the_server_within_a_second_even_mid_plan(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.shared_fixtures import ROOT
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "policy_accel", "serve", str(ROOT / "checkpoints/pusht_keypoints"),
+         "--port", "0", "--method", "newton"],  # a slow plan to be in flight
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        assert "serving" in line, line + process.stderr.read()
+        port = int(line.split("ws://127.0.0.1:")[1].split()[0])
+        with connect(f"ws://127.0.0.1:{port}") as connection:
+            connection.recv(timeout=10)
+            connection.send(pack({"obs": np.full(20, 250.0, np.float32)}))
+            time.sleep(0.5)  # the plan runs (a cold newton plan takes seconds here)
+            start = time.perf_counter()
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=10)
+            assert time.perf_counter() - start < 1.5
+    finally:
+        process.kill()
+        process.communicate()
