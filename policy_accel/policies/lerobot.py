@@ -53,6 +53,7 @@ from policy_accel.policies.lerobot_normalization import (
     split_legacy_buffers,
 )
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
+from policy_accel.policies.validation import naming_the_file
 from policy_accel.sampling import DenoisingProblem
 
 __all__ = ["LeRobotCheckpointError", "LeRobotDiffusionPolicy", "load_lerobot"]
@@ -246,7 +247,11 @@ def load_lerobot(
     directory: str | Path, device: torch.device | str = "cpu"
 ) -> LeRobotDiffusionPolicy:
     """Load a LeRobot DiffusionPolicy checkpoint directory (current or legacy layout)."""
-    directory = Path(directory)
+    with naming_the_file(str(directory), LeRobotCheckpointError):
+        return _load(Path(directory), device)
+
+
+def _load(directory: Path, device: torch.device | str) -> LeRobotDiffusionPolicy:
     if not directory.is_dir():
         raise LeRobotCheckpointError(
             f"{directory} is not a directory; pass a LeRobot pretrained_model/ folder holding "

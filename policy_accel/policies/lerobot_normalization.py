@@ -220,6 +220,25 @@ def read_normalizer_step(directory: Path, file_name: str, registry_name: str) ->
         raise LeRobotCheckpointError(
             f"{path}: the {registry_name!r} step needs a 'config' with 'features' and 'norm_map'."
         )
+    features, norm_map, eps = config["features"], config["norm_map"], config.get("eps", 1e-8)
+    if not isinstance(features, dict) or not all(
+        isinstance(f, dict) and isinstance(f.get("type"), str) for f in features.values()
+    ):
+        raise LeRobotCheckpointError(
+            f"{path}: the {registry_name!r} step's features must map keys to "
+            "{'type': ..., 'shape': [...]}."
+        )
+    if not isinstance(norm_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in norm_map.items()
+    ):
+        raise LeRobotCheckpointError(
+            f"{path}: the {registry_name!r} step's norm_map must map feature types to modes."
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise LeRobotCheckpointError(
+            f"{path}: the {registry_name!r} step's eps must be a non-negative number. Got "
+            f"{str(eps)[:40]!r}."
+        )
     if not isinstance(step.get("state_file"), str):
         raise LeRobotCheckpointError(
             f"{path}: the {registry_name!r} step names no 'state_file' holding its stats."
@@ -235,9 +254,9 @@ def read_normalizer_step(directory: Path, file_name: str, registry_name: str) ->
         if other.get("registry_name") == "rename_observations_processor":
             rename_map.update((other.get("config") or {}).get("rename_map") or {})
     return NormalizerStep(
-        features=config["features"],
-        norm_map=config["norm_map"],
-        eps=float(config.get("eps", 1e-8)),
+        features=features,
+        norm_map=norm_map,
+        eps=float(eps),
         observation_keys=config.get("normalize_observation_keys"),
         stats=group_stats(read_safetensors(state_path)),
         state_path=state_path,

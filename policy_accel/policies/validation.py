@@ -109,7 +109,9 @@ def build_and_load(build: Callable[[], Module], state: dict[str, Tensor], source
 
 
 @contextmanager
-def naming_the_file(source: str) -> Iterator[None]:
+def naming_the_file(
+    source: str, error_type: type[CheckpointError] = CheckpointContentError
+) -> Iterator[None]:
     """Turn a stray lookup or type error while reading a config into a CheckpointContentError
     that names the file (a missing key, a list where a dict belongs, a value a library
     refuses), and prefix the file to a CheckpointError that does not name it yet."""
@@ -121,7 +123,7 @@ def naming_the_file(source: str) -> Iterator[None]:
         raise type(error)(f"{source}: {error}") from error
     except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as error:
         what = f"missing key {error}" if isinstance(error, KeyError) else str(error)
-        raise CheckpointContentError(
+        raise error_type(
             f"{source}: its config is malformed ({type(error).__name__}: {what[:200]}); compare "
             "it with a config DiffusionPolicy or LeRobot wrote."
         ) from error

@@ -263,6 +263,20 @@ def test_a_lerobot_state_file_outside_the_checkpoint_is_refused(tmp_path, state_
     assert "does not exist" not in str(e.value)  # the text never tells whether a path exists
 
 
+@pytest.mark.parametrize(
+    "field, value", [("eps", "tiny"), ("norm_map", ["MIN_MAX"]), ("features", {"x": 3})]
+)
+def test_bad_lerobot_processor_fields_name_the_file(tmp_path, field, value):
+    require(LEROBOT)
+    copy_dir = tmp_path / "ckpt"
+    shutil.copytree(LEROBOT, copy_dir)
+    pipeline = json.loads((copy_dir / "policy_preprocessor.json").read_text())
+    pipeline["steps"][3]["config"][field] = value
+    (copy_dir / "policy_preprocessor.json").write_text(json.dumps(pipeline))
+    with pytest.raises(LeRobotCheckpointError, match=str(copy_dir)):
+        load_policy(copy_dir)
+
+
 # --- the command line (finding 7) -----------------------------------------------------------------
 
 
