@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor, nn
 
 from policy_accel.policies.base import Policy
@@ -29,15 +28,12 @@ from policy_accel.policies.validation import (
     positive_int,
 )
 from policy_accel.sampling import DenoisingProblem
+from policy_accel.sampling.rules import SUPPORTED_SCHEDULERS
+from policy_accel.sampling.schedulers import build_scheduler as build_named_scheduler
 
 UNET_POLICY = "DiffusionUnetLowdimPolicy"
 TRANSFORMER_POLICY = "DiffusionTransformerLowdimPolicy"
 IMAGE_POLICIES = ("DiffusionUnetHybridImagePolicy", "DiffusionUnetImagePolicy")
-SCHEDULERS = {
-    "DDPMScheduler": DDPMScheduler,
-    "DDIMScheduler": DDIMScheduler,
-    "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
-}
 
 
 def class_name(spec: dict, what: str) -> str:
@@ -50,9 +46,10 @@ def class_name(spec: dict, what: str) -> str:
 def build_scheduler(spec: dict, source: str = "checkpoint"):
     """A diffusers scheduler from a hydra spec, by class name only (nothing is imported by path)."""
     name = class_name(spec, "cfg.policy.noise_scheduler")
-    if name not in SCHEDULERS:
+    if name not in SUPPORTED_SCHEDULERS:
         raise CheckpointContentError(
-            f"noise scheduler {name} is not supported; expected one of {sorted(SCHEDULERS)}."
+            f"noise scheduler {name} is not supported; expected one of "
+            f"{sorted(SUPPORTED_SCHEDULERS)}."
         )
     options = {k: v for k, v in spec.items() if k != "_target_"}
     if "num_train_timesteps" in options:
@@ -62,7 +59,7 @@ def build_scheduler(spec: dict, source: str = "checkpoint"):
             source,
             "train_timesteps",
         )
-    return SCHEDULERS[name](**options)
+    return build_named_scheduler(name, **options)
 
 
 def inference_steps(policy_cfg: dict, scheduler, source: str) -> int:

@@ -8,17 +8,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
 from policy_accel.policies.lerobot_config import DiffusionSettings
 from policy_accel.policies.lerobot_normalization import LeRobotCheckpointError
 from policy_accel.policies.networks.lerobot_rgb_encoder import DiffusionRgbEncoder
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
+from policy_accel.sampling.schedulers import build_scheduler as build_named_scheduler
 
 UNET_PREFIX = "diffusion.unet."
 RGB_ENCODER_PREFIX = "diffusion.rgb_encoder."
-SCHEDULERS = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler}
 
 # LeRobot UNet key -> ours (applied in order) and back.
 _TO_OURS = [
@@ -89,9 +88,10 @@ def build_rgb_encoder(settings: DiffusionSettings) -> nn.Module | None:
     return encoder()
 
 
-def build_scheduler(settings: DiffusionSettings) -> DDPMScheduler | DDIMScheduler:
+def build_scheduler(settings: DiffusionSettings):
     """The scheduler exactly as LeRobot's ``_make_noise_scheduler`` configures it."""
-    return SCHEDULERS[settings.noise_scheduler_type](
+    return build_named_scheduler(
+        settings.noise_scheduler_type,
         num_train_timesteps=settings.num_train_timesteps,
         beta_start=settings.beta_start,
         beta_end=settings.beta_end,

@@ -28,7 +28,7 @@ def test_unknown_option_lists_the_valid_ones(problem):
         SolverOptionError, match=r"\['windw'\].*Valid options: \['window', 'tolerance'"
     ):
         sample(problem, "picard", windw=4)
-    with pytest.raises(SolverOptionError, match="Valid options: none"):
+    with pytest.raises(SolverOptionError, match=r"Valid options: \[.callback.\]"):
         sample(problem, "sequential", tolerance=0.1)
 
 

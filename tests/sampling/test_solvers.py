@@ -194,3 +194,15 @@ def test_float64_problem_stays_float64():
     )
     for method in SOLVERS:
         assert sample(problem, method).sample.dtype == torch.float64, method
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_every_solver_reports_each_round_to_its_callback(method):
+    problem = chunk_problem("ddpm", 20)
+    seen = []
+    result = sample(problem, method, callback=lambda info: seen.append(dict(info)))
+    assert seen, method
+    assert [info["round"] for info in seen] == sorted(info["round"] for info in seen)
+    assert seen[-1]["round"] == result.rounds or method == "srds"  # srds reports iterations
+    assert seen[-1]["converged_steps"] == problem.num_steps or not result.converged
+    assert all(info["x"].shape == result.trajectory.shape for info in seen)

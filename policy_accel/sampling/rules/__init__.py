@@ -15,6 +15,7 @@ from policy_accel.sampling.rules.base import (
 from policy_accel.sampling.rules.ddim import DDIMRule, ddim_rule
 from policy_accel.sampling.rules.ddpm import DDPMRule, ddpm_rule
 from policy_accel.sampling.rules.dpm_solver import DPMSolverRule, dpm_solver_rule
+from policy_accel.sampling.schedulers import SCHEDULERS
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -28,7 +29,7 @@ __all__ = [
     "SUPPORTED_SCHEDULERS",
 ]
 
-SUPPORTED_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+SUPPORTED_SCHEDULERS = tuple(cls.__name__ for cls in SCHEDULERS.values())
 _CACHE: OrderedDict[str, StepRule] = OrderedDict()
 _CACHE_SIZE = 64
 # plans in several threads (the server's workers) build problems at once: the cache is shared

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -16,6 +17,11 @@ def check_stopping(tolerance: float, max_rounds: int | None, deadline: float | N
         raise ValueError(
             f"deadline must be a time.perf_counter() value in seconds or None. Got {deadline!r}."
         )
+
+
+def check_callback(callback) -> None:
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None. Got {type(callback).__name__}.")
 
 
 def may_start_round(rounds: int, deadline: float | None) -> bool:
@@ -37,6 +43,8 @@ class WindowOptions:
     deadline: a ``time.perf_counter()`` time after which no new round starts; the solver then
         returns its iterate with ``converged=False`` and ``stats["deadline_hit"]`` (real-time
         control; ``finish_sequentially`` is not applied past a deadline).
+    callback: called after every round with the round's stats (see
+        :data:`~policy_accel.sampling.solvers.finish.Callback`).
     """
 
     window: int | None = None
@@ -44,8 +52,10 @@ class WindowOptions:
     max_rounds: int | None = None
     finish_sequentially: bool = False
     deadline: float | None = None
+    callback: Callable[[dict], None] | None = None
 
     def __post_init__(self) -> None:
+        check_callback(self.callback)
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be a positive int or None. Got {self.window!r}.")
         check_stopping(self.tolerance, self.max_rounds, self.deadline)

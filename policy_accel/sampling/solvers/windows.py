@@ -12,39 +12,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
-from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
+from policy_accel.sampling.solvers.finish import (
+    finish_result,
+    initial_trajectory,
+    report,
+    scaled_error,
+)
 from policy_accel.sampling.solvers.options import WindowOptions, may_start_round
 from policy_accel.sampling.step_map import StepMap
 
 # iterate(x, begin, end) -> (new values for x[begin+1 .. end], change that the tolerance judges,
 #                            values to keep where a position becomes final, or None: the new ones)
 Iterate = Callable[[Tensor, int, int], tuple[Tensor, Tensor, "Tensor | None"]]
-
-
-def initial_trajectory(problem: DenoisingProblem, init: Tensor | None) -> Tensor:
-    """The caller's guess, or ParaDiGMS's cold start: every position equal to ``x_T``."""
-    guess = problem.check_init(init)
-    if guess is not None:
-        return guess
-    return problem.x_T.unsqueeze(0).repeat(problem.num_steps + 1, *([1] * problem.x_T.dim()))
-
-
-def scaled_error(change: Tensor, scale: Tensor) -> Tensor:
-    """Per-position error ``[P]``: per-dimension RMS of ``change [P, B, *event]`` over its noise
-    scale ``[P]``, the worst sample of the batch."""
-    rms = change.reshape(change.shape[0], change.shape[1], -1).pow(2).mean(dim=-1).sqrt()
-    return (rms / scale.to(rms.dtype).unsqueeze(1)).amax(dim=1)
-
-
-def finish_sequentially(step_map: StepMap, x: Tensor, begin: int) -> None:
-    """Complete ``x[begin+1 ..]`` with the sequential loop from the final position ``begin``."""
-    for i in range(begin, step_map.problem.num_steps):
-        positions = torch.tensor([i], device=x.device)
-        x[i + 1] = step_map(positions, x[i : i + 1])[0]
 
 
 def solve_by_windows(
@@ -56,7 +38,7 @@ def solve_by_windows(
     window = n if options.window is None else min(options.window, n)
     max_rounds = n if options.max_rounds is None else options.max_rounds
     tolerance = options.tolerance
-    start = time.perf_counter()
+    started = time.perf_counter()
     x = initial_trajectory(problem, init)
     scale = problem.tolerance_scale
     residuals: list[float] = []
@@ -78,26 +60,16 @@ def solve_by_windows(
         if init is None and new_end > end:
             x[end + 1 : new_end + 1] = x[end]  # ParaDiGMS: new positions start from the last one
         begin, end = new_begin, new_end
+        report(options.callback, step_map, x, residuals[-1], min(begin, n))
     converged = begin >= n
-    converged_steps = min(begin, n)
-    stats = {}
-    deadline_hit = not converged and step_map.rounds < max_rounds
-    if deadline_hit:
-        stats["deadline_hit"] = True
-    elif not converged and options.finish_sequentially:
-        finish_sequentially(step_map, x, begin)
-        stats["finished_sequentially_from"] = begin
-        converged_steps = n
-    return SampleResult(
-        sample=problem.prepare(x[n]),
-        trajectory=x,
-        x0_predictions=step_map.x0_predictions,
-        rounds=step_map.rounds,
-        model_evals=step_map.model_evals,
-        converged=converged,
-        converged_steps=converged_steps,
-        residuals=residuals,
-        wall_time=time.perf_counter() - start,
+    return finish_result(
+        step_map,
+        x,
         method=method,
-        stats=stats,
+        started=started,
+        residuals=residuals,
+        converged=converged,
+        converged_steps=min(begin, n),
+        deadline_hit=not converged and step_map.rounds < max_rounds,
+        options=options,
     )
