@@ -1,15 +1,20 @@
 """The loaded-policy interface: observation -> DenoisingProblem -> actions.
 
-A :class:`Policy` owns its networks, its normalizer and its default scheduler. ``problem`` turns an
-observation into the :class:`~policy_accel.sampling.DenoisingProblem` of its action chunk (in
-normalized units), any solver samples it, and ``decode`` maps the clean sample back to actions in
-environment units. ``predict_action`` chains the three.
+A :class:`Policy` owns its networks, its normalizer and its default scheduler, and says what it
+samples: :attr:`~Policy.event_shape` (steps x channels of one sample), the horizon axis along
+which consecutive replans shift (axis 0 of the event), and :attr:`~Policy.action_start`, where
+in the sample the first executed action sits. A subclass supplies only its
+:meth:`~Policy.conditioning` (network, per-sample context, known inpainted values) and its action
+units; :meth:`~Policy.problem` turns that into the :class:`~policy_accel.sampling.DenoisingProblem`
+of the chunk (normalized units), any solver samples it, and :meth:`~Policy.decode` maps the clean
+sample back to actions in environment units. ``predict_action`` chains the three.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,36 +22,11 @@ import torch
 from torch import Tensor
 
 from policy_accel.execution import Executor
-from policy_accel.messages import preview, shorten
+from policy_accel.policies import observations
+from policy_accel.policies.observations import ObservationError, describe_spec
 from policy_accel.sampling import DenoisingProblem, sample
 
-
-def describe_spec(spec: dict[str, tuple[int, ...]]) -> str:
-    """``{'obs': shape (20,)}``: a spec for an error message (a few keys, then the count)."""
-    parts = [f"{shorten(repr(key))}: shape {tuple(shape)}" for key, shape in list(spec.items())[:5]]
-    more = f", ... ({len(spec)} keys)" if len(spec) > 5 else ""
-    return "{" + ", ".join(parts) + more + "}"
-
-
-def _as_real_array(value: Any, key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """``value`` as a numpy array of a real number type (not bool, complex, object or text)."""
-    if isinstance(value, Tensor):
-        value = value.detach().cpu().numpy()
-    elif not isinstance(value, (np.ndarray, np.generic)):
-        try:
-            value = np.asarray(value)
-        except (TypeError, ValueError) as error:
-            raise ObservationError(
-                f"obs[{key!r}] is a {type(value).__name__} that is not an array ({error}); "
-                f"expected a float array of shape {tuple(shape)}."
-            ) from error
-    value = np.asarray(value)
-    if value.dtype.kind not in "fiu":
-        raise ObservationError(
-            f"obs[{key!r}] has dtype {value.dtype}; expected a real number array of shape "
-            f"{tuple(shape)} (float32 preferred)."
-        )
-    return value
+__all__ = ["Conditioning", "ConditionedDenoiser", "ObservationError", "Policy", "describe_spec"]
 
 
 class ConditionedDenoiser:
@@ -73,16 +53,23 @@ class ConditionedDenoiser:
         return ConditionedDenoiser(network, context, self.batch)
 
 
-class ObservationError(ValueError):
-    """An observation with a wrong key, shape, dtype, a non-finite value or a value far outside
-    what the policy can take."""
+@dataclass(frozen=True)
+class Conditioning:
+    """What a batch of observations conditions the sample on.
 
+    Attributes:
+        network: ``network(x [M, *event], t [M], **context)`` predicts the model output.
+        batch: samples in the batch (B).
+        context: per-sample tensors (one row per sample) passed to the network.
+        known: ``[B, To, K]`` values known for the first ``To`` steps of the sample's last ``K``
+            channels (DiffusionPolicy's inpainting: the normalized observations or image
+            features), written into the trajectory before every model call; None otherwise.
+    """
 
-# Observations more than this many normalized units from zero (the training data spans about
-# [-1, 1] in DiffusionPolicy's limits normalization, a few units in mean/std) are refused: they
-# are sensor faults or unit mistakes, and values such as 1e30 overflow inside the network.
-MAX_NORMALIZED_MAGNITUDE = 1e4
-IMAGE_RANGE_SLACK = 1e-3
+    network: Any
+    batch: int
+    context: dict[str, Tensor] = field(default_factory=dict)
+    known: Tensor | None = None
 
 
 class Policy(ABC):
@@ -90,7 +77,7 @@ class Policy(ABC):
 
         n_obs_steps   |o|o|                               observations the model sees
         horizon       |a|a|a|a|a|a|a|a|a|a|a|a|a|a|a|a|    actions it predicts
-        n_action_steps    |a|a|a|a|a|a|a|a|                actions executed, from n_obs_steps - 1
+        n_action_steps    |a|a|a|a|a|a|a|a|                actions executed, from action_start
 
     ``scheduler`` and ``num_inference_steps`` are the checkpoint's sampling defaults.
     """
@@ -102,6 +89,10 @@ class Policy(ABC):
     scheduler: Any
     num_inference_steps: int
     device: torch.device
+    horizon_axis: int = 0
+    """The event axis along time: consecutive replans shift their noise and guesses along it."""
+
+    # --- what the policy samples --------------------------------------------------------------
 
     @property
     @abstractmethod
@@ -109,23 +100,31 @@ class Policy(ABC):
         """Observation keys and the per-step shape each must have (after the batch and
         ``n_obs_steps`` axes)."""
 
+    @property
     @abstractmethod
-    def problem(
-        self,
-        obs: dict,
-        *,
-        x_T: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        scheduler: Any = None,
-        num_inference_steps: int | None = None,
-    ) -> DenoisingProblem:
-        """The denoising problem of this observation batch (normalized units)."""
+    def event_shape(self) -> tuple[int, int]:
+        """``(steps, channels)`` of one sample: ``(horizon, action_dim)`` for most policies,
+        ``(n_action_steps, action_dim)`` with ``pred_action_steps_only``, observation channels
+        added for inpainting policies."""
+
+    @property
+    @abstractmethod
+    def action_start(self) -> int:
+        """Index along the horizon axis of the first executed action in the sample."""
 
     @abstractmethod
-    def decode(self, x0: Tensor) -> dict[str, Tensor]:
-        """``action`` (``[B, n_action_steps, Da]``) and ``action_pred`` (``[B, horizon, Da]``) in
-        environment units from a clean sample; inpainting policies add ``obs_pred``."""
+    def conditioning(self, obs: dict) -> Conditioning:
+        """Validate and encode an observation batch (``[B, >= n_obs_steps, ...]`` per key)."""
+
+    @abstractmethod
+    def unnormalize_action(self, action: Tensor) -> Tensor:
+        """The model's normalized actions ``[..., Da]`` -> environment units."""
+
+    def decode_extra(self, x0: Tensor) -> dict[str, Tensor]:
+        """Outputs beyond the actions (inpainting policies: the predicted observations)."""
+        return {}
+
+    # --- observations -----------------------------------------------------------------------
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -144,65 +143,81 @@ class Policy(ABC):
         return obs
 
     def check_observation_step(self, obs: Any) -> dict[str, np.ndarray]:
-        """One observation step (what an env returns), validated before it enters any history:
-        every key of :attr:`observation_spec` with exactly its shape, a real number type, finite,
-        images in ``[0, 1]`` and other values within ``MAX_NORMALIZED_MAGNITUDE`` normalized
-        units. Returns float32 copies of those keys (other keys are dropped); raises
-        :class:`ObservationError` naming the key, what was expected and what to do."""
-        spec = self.observation_spec
-        if not isinstance(obs, dict):
-            if len(spec) != 1:
-                raise ObservationError(
-                    f"this policy takes a dict observation with keys {preview(list(spec))}; got a "
-                    f"{type(obs).__name__}."
-                )
-            obs = {next(iter(spec)): obs}
-        obs = self.rename_observation(obs)
-        missing = [key for key in spec if key not in obs]
-        if missing:
-            raise ObservationError(
-                f"obs is missing key(s) {preview(missing)}; this policy takes one step of "
-                f"{describe_spec(spec)}."
-            )
-        checked = {}
-        for key, shape in spec.items():
-            value = _as_real_array(obs[key], key, shape)
-            if value.shape != tuple(shape):
-                raise ObservationError(
-                    f"obs[{key!r}] has shape {value.shape}, expected {tuple(shape)} (one "
-                    f"observation step: the n_obs_steps={self.n_obs_steps} history is kept for "
-                    "you)."
-                )
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow: Inf, refused below
-                value = value.astype(np.float32)  # a copy, never the caller's buffer
-            if not np.isfinite(value).all():
-                raise ObservationError(
-                    f"obs[{key!r}] contains NaN or Inf (after conversion to float32)."
-                )
-            self._check_range(key, value)
-            checked[key] = value
-        return checked
+        """One observation step (what an env returns), validated before it enters any history
+        (see :func:`~policy_accel.policies.observations.check_observation_step`): float32 copies
+        of the policy's keys, or an :class:`ObservationError`."""
+        return observations.check_observation_step(self, obs)
 
-    def _check_range(self, key: str, value: np.ndarray) -> None:
-        if key in self.image_keys:
-            low, high = float(value.min(initial=0.0)), float(value.max(initial=0.0))
-            if low < -IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
-                raise ObservationError(
-                    f"obs[{key!r}] is an image with values in [{low:g}, {high:g}]; expected "
-                    "floats in [0, 1] (divide uint8 images by 255)."
-                )
-            return
+    def _observation(self, obs: dict, key: str, shape: tuple[int, ...]) -> Tensor:
+        return observations.observation_tensor(self, obs, key, shape)
+
+    # --- sampling ---------------------------------------------------------------------------
+
+    def sample_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.event_shape)
+
+    def draw_noise(
+        self, generator: torch.Generator, batch: int = 1, num_steps: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``x_T [B, *event]`` and per-step noise ``[N, B, *event]`` of a cold start, drawn in
+        this order from ``generator`` (every controller draws alike, so the same seed gives the
+        same noise to a Controller, a BatchController row and an eval episode)."""
+        shape = self.sample_shape(batch)
+        x_T = torch.randn(shape, generator=generator)
+        noise = torch.randn((num_steps or self.num_inference_steps, *shape), generator=generator)
+        return x_T, noise
+
+    def problem(
+        self,
+        obs: dict,
+        *,
+        x_T: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        scheduler: Any = None,
+        num_inference_steps: int | None = None,
+    ) -> DenoisingProblem:
+        """The denoising problem of this observation batch (normalized units): the policy's
+        scheduler (or ``scheduler``) at ``num_inference_steps``, noise from ``x_T``/``noise`` or
+        drawn from ``generator`` in the sequential loop's order, and for inpainting policies
+        the known values masked into the trajectory's last channels for the first steps."""
+        conditioning = self.conditioning(obs)
+        shape = self.sample_shape(conditioning.batch)
+        mask = cond_data = None
+        if conditioning.known is not None:
+            steps, channels = conditioning.known.shape[1], conditioning.known.shape[2]
+            cond_data = torch.zeros(shape, device=self.device)
+            mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            cond_data[:, :steps, -channels:] = conditioning.known
+            mask[:, :steps, -channels:] = True
+        denoiser = ConditionedDenoiser(
+            conditioning.network, conditioning.context, conditioning.batch
+        )
+        return DenoisingProblem.from_scheduler(
+            scheduler if scheduler is not None else self.scheduler,
+            denoiser,
+            num_inference_steps or self.num_inference_steps,
+            shape,
+            generator=generator,
+            x_T=x_T,
+            noise=noise,
+            mask=mask,
+            cond_data=cond_data,
+            device=self.device,
+        )
+
+    def decode(self, x0: Tensor) -> dict[str, Tensor]:
+        """``action`` (``[B, n_action_steps, Da]``, from :attr:`action_start`) and
+        ``action_pred`` (the whole predicted action sequence) in environment units from a clean
+        sample; inpainting policies add their predicted observations."""
         with torch.no_grad():
-            normalized = self.normalize_input(key, torch.from_numpy(value).to(self.device))
-        if normalized is None:
-            return
-        magnitude = float(normalized.abs().max()) if normalized.numel() else 0.0
-        if not magnitude <= MAX_NORMALIZED_MAGNITUDE:
-            raise ObservationError(
-                f"obs[{key!r}] is {magnitude:.3g} normalized units from the training data's "
-                f"range (at most {MAX_NORMALIZED_MAGNITUDE:g} accepted): a sensor fault or a "
-                "unit mistake? Check the observation's units against the policy's."
-            )
+            action_pred = self.unnormalize_action(x0[..., : self.action_dim])
+            start = self.action_start
+            return {
+                "action": action_pred[:, start : start + self.n_action_steps],
+                "action_pred": action_pred,
+                **self.decode_extra(x0),
+            }
 
     def normalize_action(self, action: Tensor) -> Tensor:
         """Actions in environment units -> the model's normalized units (to compare samples)."""
@@ -234,88 +249,3 @@ class Policy(ABC):
         )
         result = sample(problem, method, init=init, executor=executor, **solver_options)
         return {**self.decode(result.sample), "result": result}
-
-    # --- shared helpers -----------------------------------------------------------------------
-
-    def _conditioned_problem(
-        self,
-        network: Any,
-        context: dict[str, Tensor],
-        shape: tuple[int, ...],
-        *,
-        inpaint: Tensor | None = None,
-        x_T: Tensor | None,
-        noise: Tensor | None,
-        generator: torch.Generator | None,
-        scheduler: Any,
-        num_inference_steps: int | None,
-    ) -> DenoisingProblem:
-        """The problem of sampling ``shape = (B, T, C)`` with ``network(x, t, **context)``.
-
-        ``context`` tensors have one row per sample; the denoiser tiles them over the window
-        positions of a flat batch (position major). ``inpaint`` ``[B, To, C - Da]`` are known
-        per-step observations (features) written into the trajectory's last channels for the
-        first steps, as DiffusionPolicy's inpainting policies do.
-        """
-        batch = shape[0]
-        mask = cond_data = None
-        if inpaint is not None:
-            steps, channels = inpaint.shape[1], inpaint.shape[2]
-            cond_data = torch.zeros(shape, device=self.device)
-            mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
-            cond_data[:, :steps, -channels:] = inpaint
-            mask[:, :steps, -channels:] = True
-
-        return DenoisingProblem.from_scheduler(
-            scheduler if scheduler is not None else self.scheduler,
-            ConditionedDenoiser(network, context, batch),
-            num_inference_steps or self.num_inference_steps,
-            shape,
-            generator=generator,
-            x_T=x_T,
-            noise=noise,
-            mask=mask,
-            cond_data=cond_data,
-            device=self.device,
-        )
-
-    def _observation(self, obs: dict, key: str, shape: tuple[int, ...]) -> Tensor:
-        """``obs[key]`` as a float tensor ``[B, T>=n_obs_steps, *shape]`` on the policy's device,
-        validated; the caller's object is never modified."""
-        if not isinstance(obs, dict):
-            raise ObservationError(f"obs must be a dict of arrays. Got {type(obs).__name__}.")
-        if key not in obs:
-            raise ObservationError(
-                f"obs is missing {key!r}; this policy expects keys {sorted(self.observation_spec)} "
-                f"(got {sorted(obs)})."
-            )
-        value = obs[key]
-        if isinstance(value, np.ndarray):
-            if value.dtype == object or not np.issubdtype(value.dtype, np.number):
-                raise ObservationError(
-                    f"obs[{key!r}] has dtype {value.dtype}; expected a number type."
-                )
-            value = torch.from_numpy(np.ascontiguousarray(value))
-        if not isinstance(value, Tensor):
-            raise ObservationError(
-                f"obs[{key!r}] is a {type(value).__name__}; expected a numpy array or torch tensor."
-            )
-        if value.is_complex() or value.dtype == torch.bool:
-            raise ObservationError(
-                f"obs[{key!r}] has dtype {value.dtype}; expected a real number type."
-            )
-        expected = f"(B, n_obs_steps={self.n_obs_steps}, {', '.join(str(s) for s in shape)})"
-        if value.dim() != 2 + len(shape) or tuple(value.shape[2:]) != tuple(shape):
-            raise ObservationError(
-                f"obs[{key!r}] has shape {tuple(value.shape)}, expected {expected}: a batch of "
-                f"histories of the last n_obs_steps observations."
-            )
-        if value.shape[1] < self.n_obs_steps:
-            raise ObservationError(
-                f"obs[{key!r}] holds {value.shape[1]} steps of history, expected at least "
-                f"n_obs_steps={self.n_obs_steps} {expected}."
-            )
-        value = value.to(device=self.device, dtype=torch.float32)
-        if not torch.isfinite(value).all():
-            raise ObservationError(f"obs[{key!r}] contains NaN or Inf.")
-        return value

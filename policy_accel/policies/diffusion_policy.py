@@ -10,24 +10,21 @@ condition the sample, exactly as ``predict_action`` does upstream.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from policy_accel.policies.base import Policy
+from policy_accel.policies.base import Conditioning, Policy
 from policy_accel.policies.errors import CheckpointContentError
 from policy_accel.policies.networks.transformer import TransformerForDiffusion
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
 from policy_accel.policies.normalizer import LinearNormalizer
 from policy_accel.policies.validation import (
-    build_and_load,
     check_action_window,
     int_list,
+    load_weights,
     naming_the_file,
     positive_int,
 )
-from policy_accel.sampling import DenoisingProblem
 from policy_accel.sampling.rules import SUPPORTED_SCHEDULERS
 from policy_accel.sampling.schedulers import build_scheduler as build_named_scheduler
 
@@ -127,9 +124,9 @@ class DiffusionPolicyLowdim(Policy):
             network = self._network_factory(policy_cfg, source)
             fields = LinearNormalizer.fields_of(state_dict)
             self._check_normalizer(fields, source)
-            modules = build_and_load(
-                lambda: _Modules(network(), LinearNormalizer(fields)), state_dict, source
-            )
+            modules = load_weights(
+                lambda: {"": _Modules(network(), LinearNormalizer(fields))}, state_dict, source
+            )[""]
         self.modules = modules.to(self.device).eval()
         self.inpainting = not (self.obs_as_local_cond or self.obs_as_global_cond)
 
@@ -220,67 +217,49 @@ class DiffusionPolicyLowdim(Policy):
     def normalize_input(self, key: str, value: Tensor) -> Tensor:
         return self.normalizer.normalize("obs", value)
 
-    def problem(
-        self,
-        obs: dict,
-        *,
-        x_T: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        scheduler: Any = None,
-        num_inference_steps: int | None = None,
-    ) -> DenoisingProblem:
+    @property
+    def event_shape(self) -> tuple[int, int]:
+        if self.inpainting:  # observations are written into the trajectory's obs channels
+            return (self.horizon, self.action_dim + self.obs_dim)
+        if self.pred_action_steps_only:
+            return (self.n_action_steps, self.action_dim)
+        return (self.horizon, self.action_dim)
+
+    @property
+    def action_start(self) -> int:
+        if self.pred_action_steps_only:
+            return 0
+        return self.n_obs_steps - 1 if self.oa_step_convention else self.n_obs_steps
+
+    def conditioning(self, obs: dict) -> Conditioning:
         observation = self._observation(obs, "obs", (self.obs_dim,))
-        To, Da, Do = self.n_obs_steps, self.action_dim, self.obs_dim
         with torch.no_grad():
-            nobs = self.normalizer.normalize("obs", observation)[:, :To]
+            nobs = self.normalizer.normalize("obs", observation)[:, : self.n_obs_steps]
         batch = nobs.shape[0]
-        context: dict[str, Tensor] = {}
-        inpaint = None
+        network = self.modules.model
         if self.obs_as_local_cond:
-            local = torch.zeros(batch, self.horizon, Do, device=self.device)
-            local[:, :To] = nobs
-            context["local_cond"] = local
-            shape = (batch, self.horizon, Da)
-        elif self.obs_as_global_cond:
+            local = torch.zeros(batch, self.horizon, self.obs_dim, device=self.device)
+            local[:, : self.n_obs_steps] = nobs
+            return Conditioning(network, batch, {"local_cond": local})
+        if self.obs_as_global_cond:
             if self.kind == UNET_POLICY:
-                context["global_cond"] = nobs.reshape(batch, -1)
-            else:
-                context["cond"] = nobs
-            steps = self.n_action_steps if self.pred_action_steps_only else self.horizon
-            shape = (batch, steps, Da)
-        else:  # inpainting: observations are written into the trajectory's obs channels
-            shape = (batch, self.horizon, Da + Do)
-            inpaint = nobs
-        return self._conditioned_problem(
-            self.modules.model,
-            context,
-            shape,
-            inpaint=inpaint,
-            x_T=x_T,
-            noise=noise,
-            generator=generator,
-            scheduler=scheduler,
-            num_inference_steps=num_inference_steps,
-        )
+                return Conditioning(network, batch, {"global_cond": nobs.reshape(batch, -1)})
+            return Conditioning(network, batch, {"cond": nobs})
+        return Conditioning(network, batch, known=nobs)
 
     def normalize_action(self, action: Tensor) -> Tensor:
         with torch.no_grad():
             return self.normalizer.normalize("action", action)
 
-    def decode(self, x0: Tensor) -> dict[str, Tensor]:
-        Da, To = self.action_dim, self.n_obs_steps
-        with torch.no_grad():
-            action_pred = self.normalizer.unnormalize("action", x0[..., :Da])
-            if self.pred_action_steps_only:
-                start = 0
-                action = action_pred
-            else:
-                start = To - 1 if self.oa_step_convention else To
-                action = action_pred[:, start : start + self.n_action_steps]
-            result = {"action": action, "action_pred": action_pred}
-            if self.inpainting:
-                obs_pred = self.normalizer.unnormalize("obs", x0[..., Da:])
-                result["obs_pred"] = obs_pred
-                result["action_obs_pred"] = obs_pred[:, start : start + self.n_action_steps]
-        return result
+    def unnormalize_action(self, action: Tensor) -> Tensor:
+        return self.normalizer.unnormalize("action", action)
+
+    def decode_extra(self, x0: Tensor) -> dict[str, Tensor]:
+        if not self.inpainting:
+            return {}
+        obs_pred = self.normalizer.unnormalize("obs", x0[..., self.action_dim :])
+        start = self.action_start
+        return {
+            "obs_pred": obs_pred,
+            "action_obs_pred": obs_pred[:, start : start + self.n_action_steps],
+        }

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policy_accel.policies.base import ObservationError, Policy
+from policy_accel.policies.base import Conditioning, ObservationError, Policy
 from policy_accel.policies.diffusion_policy import (
     build_scheduler,
     check_model_sizes,
@@ -43,12 +43,11 @@ from policy_accel.policies.networks.unet1d import ConditionalUnet1D
 from policy_accel.policies.normalizer import LinearNormalizer
 from policy_accel.policies.validation import (
     LIMITS,
-    build_and_load,
     check_action_window,
+    load_weights,
     naming_the_file,
     positive_int,
 )
-from policy_accel.sampling import DenoisingProblem
 
 HYBRID_POLICY = "DiffusionUnetHybridImagePolicy"
 IMAGE_POLICY = "DiffusionUnetImagePolicy"
@@ -233,13 +232,15 @@ class DiffusionPolicyImage(Policy):
         else:
             unet_args = (self.action_dim + self.obs_feature_dim,)
         fields = self._normalizer_fields(state_dict)
-        return build_and_load(
-            lambda: _ImageModules(
-                encoder(), ConditionalUnet1D(*unet_args, **unet_cfg), LinearNormalizer(fields)
-            ),
+        return load_weights(
+            lambda: {
+                "": _ImageModules(
+                    encoder(), ConditionalUnet1D(*unet_args, **unet_cfg), LinearNormalizer(fields)
+                )
+            },
             state_dict,
             source,
-        )
+        )[""]
 
     def _normalizer_fields(self, state_dict: dict[str, Tensor]) -> dict[str, int]:
         fields = LinearNormalizer.fields_of(state_dict)
@@ -298,48 +299,31 @@ class DiffusionPolicyImage(Policy):
             features = self.modules.obs_encoder(nobs)
         return features.reshape(batch[1], self.n_obs_steps, -1)
 
-    def problem(
-        self,
-        obs: dict,
-        *,
-        x_T: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        scheduler: Any = None,
-        num_inference_steps: int | None = None,
-    ) -> DenoisingProblem:
+    @property
+    def event_shape(self) -> tuple[int, int]:
+        if self.inpainting:  # features are written into the trajectory's extra channels
+            return (self.horizon, self.action_dim + self.obs_feature_dim)
+        return (self.horizon, self.action_dim)
+
+    @property
+    def action_start(self) -> int:
+        return self.n_obs_steps - 1
+
+    def conditioning(self, obs: dict) -> Conditioning:
         features = self.encode(obs)
-        batch, Da = features.shape[0], self.action_dim
-        context: dict[str, Tensor] = {}
-        inpaint = None
+        batch = features.shape[0]
         if self.obs_as_global_cond:
-            context["global_cond"] = features.reshape(batch, -1)
-            shape = (batch, self.horizon, Da)
-        else:  # inpainting: features are written into the trajectory's extra channels
-            shape = (batch, self.horizon, Da + self.obs_feature_dim)
-            inpaint = features
-        return self._conditioned_problem(
-            self.modules.model,
-            context,
-            shape,
-            inpaint=inpaint,
-            x_T=x_T,
-            noise=noise,
-            generator=generator,
-            scheduler=scheduler,
-            num_inference_steps=num_inference_steps,
-        )
+            return Conditioning(
+                self.modules.model, batch, {"global_cond": features.reshape(batch, -1)}
+            )
+        return Conditioning(self.modules.model, batch, known=features)
 
     def normalize_action(self, action: Tensor) -> Tensor:
         with torch.no_grad():
             return self.normalizer.normalize("action", action)
 
-    def decode(self, x0: Tensor) -> dict[str, Tensor]:
-        start = self.n_obs_steps - 1
-        with torch.no_grad():
-            action_pred = self.normalizer.unnormalize("action", x0[..., : self.action_dim])
-        action = action_pred[:, start : start + self.n_action_steps]
-        return {"action": action, "action_pred": action_pred}
+    def unnormalize_action(self, action: Tensor) -> Tensor:
+        return self.normalizer.unnormalize("action", action)
 
 
 def _is_float(value: Any) -> bool:

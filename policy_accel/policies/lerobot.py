@@ -34,14 +34,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from policy_accel.policies.base import ObservationError, Policy
+from policy_accel.policies.base import Conditioning, ObservationError, Policy
 from policy_accel.policies.lerobot_config import STATE_KEY, read_config
 from policy_accel.policies.lerobot_networks import (
     build_rgb_encoder,
     build_scheduler,
     build_unet,
-    load_network_weights,
+    file_key,
     network_modules,
+    rename_key,
+    weights_hint,
 )
 from policy_accel.policies.lerobot_normalization import (
     PREPROCESSOR_FILE,
@@ -53,8 +55,7 @@ from policy_accel.policies.lerobot_normalization import (
     split_legacy_buffers,
 )
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
-from policy_accel.policies.validation import naming_the_file
-from policy_accel.sampling import DenoisingProblem
+from policy_accel.policies.validation import load_weights, naming_the_file
 
 __all__ = ["LeRobotCheckpointError", "LeRobotDiffusionPolicy", "load_lerobot"]
 
@@ -208,39 +209,24 @@ class LeRobotDiffusionPolicy(Policy):
         parts += [normalized[key] for key in self.condition_sizes if key != STATE_KEY]
         return torch.cat(parts, dim=-1).flatten(1)
 
-    def problem(
-        self,
-        obs: dict,
-        *,
-        x_T: Tensor | None = None,
-        noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
-        scheduler: Any = None,
-        num_inference_steps: int | None = None,
-    ) -> DenoisingProblem:
+    @property
+    def event_shape(self) -> tuple[int, int]:
+        return (self.horizon, self.action_dim)
+
+    @property
+    def action_start(self) -> int:
+        return self.n_obs_steps - 1
+
+    def conditioning(self, obs: dict) -> Conditioning:
         cond = self.global_cond(obs)
-        return self._conditioned_problem(
-            self.unet,
-            {"global_cond": cond},
-            (cond.shape[0], self.horizon, self.action_dim),
-            x_T=x_T,
-            noise=noise,
-            generator=generator,
-            scheduler=scheduler,
-            num_inference_steps=num_inference_steps,
-        )
+        return Conditioning(self.unet, cond.shape[0], {"global_cond": cond})
 
     def normalize_action(self, action: Tensor) -> Tensor:
         with torch.no_grad():
             return self.action_normalization.normalize(action.to(self.device))
 
-    def decode(self, x0: Tensor) -> dict[str, Tensor]:
-        action_pred = self.action_normalization.unnormalize(x0)
-        start = self.n_obs_steps - 1
-        return {
-            "action": action_pred[:, start : start + self.n_action_steps],
-            "action_pred": action_pred,
-        }
+    def unnormalize_action(self, action: Tensor) -> Tensor:
+        return self.action_normalization.unnormalize(action)
 
 
 def load_lerobot(
@@ -260,12 +246,22 @@ def _load(directory: Path, device: torch.device | str) -> LeRobotDiffusionPolicy
     settings = read_config(directory / "config.json")
     model_path = directory / "model.safetensors"
     network, buffers = split_legacy_buffers(read_safetensors(model_path))
-    with torch.device("meta"):  # the config's networks checked against the file: no memory yet
-        probe = network_modules(build_unet(settings), build_rgb_encoder(settings))
-    load_network_weights(probe, network, model_path, load=False)
-    unet = build_unet(settings)
-    rgb_encoder = build_rgb_encoder(settings)
-    load_network_weights(network_modules(unet, rgb_encoder), network, model_path)
+    built: dict = {}
+
+    def build() -> dict:
+        built["unet"], built["rgb"] = build_unet(settings), build_rgb_encoder(settings)
+        return network_modules(built["unet"], built["rgb"])
+
+    load_weights(
+        build,
+        network,
+        str(model_path),
+        rename=rename_key,
+        file_key=file_key,
+        hint=weights_hint(settings),
+        error_type=LeRobotCheckpointError,
+    )
+    unet, rgb_encoder = built["unet"], built["rgb"]
 
     rename_map: dict[str, str] = {}
     if (directory / PREPROCESSOR_FILE).exists():

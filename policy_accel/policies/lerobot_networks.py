@@ -1,17 +1,16 @@
 """LeRobot's diffusion networks from its checkpoint layout: key renaming onto our
 ``ConditionalUnet1D`` (LeRobot's UNet is DiffusionPolicy's with other key names), the RGB
-encoder(s), the scheduler as LeRobot's ``_make_noise_scheduler`` builds it, and strict loading of
-``model.safetensors`` (missing, unexpected and mis-shaped keys named with the file)."""
+encoder(s) and their key prefixes, and the scheduler as LeRobot's ``_make_noise_scheduler``
+builds it. ``model.safetensors`` is loaded by the one strict loader,
+:func:`policy_accel.policies.validation.load_weights`."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 from policy_accel.policies.lerobot_config import DiffusionSettings
-from policy_accel.policies.lerobot_normalization import LeRobotCheckpointError
 from policy_accel.policies.networks.lerobot_rgb_encoder import DiffusionRgbEncoder
 from policy_accel.policies.networks.unet1d import ConditionalUnet1D
 from policy_accel.sampling.schedulers import build_scheduler as build_named_scheduler
@@ -102,80 +101,26 @@ def build_scheduler(settings: DiffusionSettings):
     )
 
 
-def load_network_weights(
-    modules: dict[str, nn.Module], state: dict[str, Tensor], path: Path, load: bool = True
-) -> None:
-    """Load LeRobot's ``diffusion.*`` tensors into our modules; every key must match.
+def rename_key(prefix: str, key: str) -> str:
+    """A file key (without its prefix) as our module names it: UNet keys renamed, the rgb
+    encoder's are LeRobot's already."""
+    return to_our_key(key) if prefix == UNET_PREFIX else key
 
-    ``modules`` maps a LeRobot key prefix (``diffusion.unet.``, ``diffusion.rgb_encoder.`` or
-    ``diffusion.rgb_encoder.<i>.``) to the module that holds those tensors (see
-    :func:`network_modules`); a key under no prefix is unexpected. UNet keys are renamed with
-    :func:`to_our_key`; the rgb encoder's keys are LeRobot's already. Missing, unexpected and
-    mis-shaped keys are all named with the file (a module with none of its keys present is named
-    once, as ``<prefix>*``), and nothing is loaded unless every key matches. ``load=False`` only
-    checks (modules built on the meta device, before the real ones are built).
-    """
-    unexpected = sorted(k for k in state if not k.startswith(tuple(modules)))
-    missing: list[str] = []
-    matched: dict[str, list[tuple[str, str]]] = {}
-    for prefix, module in modules.items():
-        is_unet = prefix == UNET_PREFIX
-        expected = module.state_dict()
-        renamed = {
-            (to_our_key(k[len(prefix) :]) if is_unet else k[len(prefix) :]): k
-            for k in state
-            if k.startswith(prefix)
-        }
-        unexpected += sorted(renamed[k] for k in renamed if k not in expected)
-        absent = sorted(
-            to_lerobot_key(k) if is_unet else prefix + k for k in expected if k not in renamed
+
+def file_key(prefix: str, key: str) -> str:
+    """Our module key back as the file names it (to name a missing key)."""
+    return to_lerobot_key(key) if prefix == UNET_PREFIX else prefix + key
+
+
+def weights_hint(settings: DiffusionSettings) -> str:
+    hint = "Check that config.json belongs to this model.safetensors."
+    if settings.rgb_encoder is not None:
+        hint += (
+            " For the rgb encoder, check `use_separate_rgb_encoder_per_camera`, "
+            "`use_group_norm`, `vision_backbone`, `spatial_softmax_num_keypoints` and the "
+            "VISUAL input features."
         )
-        if len(absent) == len(expected) > 1:
-            missing.append(f"{prefix}* (all {len(expected)} keys)")
-        else:
-            missing += absent
-        matched[prefix] = [(ours, theirs) for ours, theirs in renamed.items() if ours in expected]
-    if missing or unexpected:
-        hint = ""
-        if any(key.startswith(RGB_ENCODER_PREFIX) for key in [*missing, *unexpected]):
-            hint = (
-                " For the rgb encoder, check `use_separate_rgb_encoder_per_camera`, "
-                "`use_group_norm`, `vision_backbone`, `spatial_softmax_num_keypoints` and the "
-                "VISUAL input features."
-            )
-        raise LeRobotCheckpointError(
-            f"{path} does not match the networks that config.json describes: missing keys "
-            f"{_key_list(missing)}, unexpected keys {_key_list(sorted(unexpected))}. Check that "
-            f"config.json belongs to this model.safetensors.{hint}"
-        )
-    for prefix, pairs in matched.items():
-        module = modules[prefix]
-        expected = module.state_dict()
-        weights = {}
-        for ours, theirs in pairs:
-            tensor, target = state[theirs], expected[ours]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise LeRobotCheckpointError(
-                    f"{path}: {theirs!r} has shape {tuple(tensor.shape)}, but config.json implies "
-                    f"{tuple(target.shape)}. Check that config.json belongs to this "
-                    "model.safetensors."
-                )
-            if tensor.is_floating_point() != target.is_floating_point():
-                kind = "floats" if target.is_floating_point() else "integers"
-                raise LeRobotCheckpointError(
-                    f"{path}: {theirs!r} has dtype {tensor.dtype}; it must hold {kind} "
-                    f"({target.dtype})."
-                )
-            weights[ours] = tensor
-        if load:
-            module.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
-
-
-def _key_list(keys: list[str], limit: int = 40) -> str:
-    """``keys`` for an error message, the first ``limit`` of a longer list and the count."""
-    if len(keys) <= limit:
-        return str(keys)
-    return f"{keys[:limit]} ... ({len(keys)} in all)"
+    return hint
 
 
 def network_modules(unet: ConditionalUnet1D, rgb_encoder: nn.Module | None) -> dict:

@@ -70,42 +70,72 @@ def check_action_window(
         )
 
 
-def shape_mismatches(
-    expected: dict[str, tuple[int, ...]], state: dict[str, Tensor]
-) -> tuple[list[str], list[str], list[str]]:
-    """Missing keys, unexpected keys and ``key: file (..) vs model (..)`` shape mismatches."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key])}"
-        for key in sorted(set(state) & set(expected))
-        if tuple(state[key].shape) != tuple(expected[key])
-    ]
-    return missing, unexpected, mismatched
+def load_weights(
+    build: Callable[[], dict[str, nn.Module]],
+    state: dict[str, Tensor],
+    source: str,
+    *,
+    rename: Callable[[str, str], str] | None = None,
+    file_key: Callable[[str, str], str] | None = None,
+    hint: str = "Check that the file and its config belong together.",
+    error_type: type[CheckpointError] = CheckpointContentError,
+) -> dict[str, nn.Module]:
+    """The modules ``build()`` returns (file key prefix -> module; ``""`` for a whole state
+    dict) with every tensor of ``state`` loaded, strictly: the one weight loader of every policy.
 
-
-def build_and_load(build: Callable[[], Module], state: dict[str, Tensor], source: str) -> Module:
-    """``build()`` with every tensor of ``state`` loaded, strictly.
-
-    ``build`` runs first on the meta device (no memory), and the file's keys and shapes are
-    checked against it; only then is it built for real and loaded. Raises a
-    CheckpointContentError naming the missing, unexpected and mis-shaped keys.
+    ``build`` runs first on the meta device (no memory) and the file is checked against it:
+    missing, unexpected and mis-shaped keys and floats where integers belong are all named (a
+    module none of whose keys is present once, as ``<prefix>*``), in one ``error_type`` naming
+    ``source``. Only then are the modules built for real and loaded. ``rename(prefix, key)``
+    maps a file key (without its prefix) to the module's key and ``file_key`` back, for
+    checkpoints whose layout differs from ours (LeRobot's UNet).
     """
+    rename = rename or (lambda prefix, key: key)
+    file_key = file_key or (lambda prefix, key: prefix + key)
     state = {k: v for k, v in state.items() if k not in BOOKKEEPING_KEYS}
     with torch.device("meta"):
         probe = build()
-    expected = {key: tuple(value.shape) for key, value in probe.state_dict().items()}
-    missing, unexpected, mismatched = shape_mismatches(expected, state)
+    prefixes = sorted(probe, key=len, reverse=True)  # the longest prefix owns a key
+    owned: dict[str, dict[str, str]] = {prefix: {} for prefix in probe}
+    unexpected = []
+    for key in state:
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            unexpected.append(key)
+        else:
+            owned[prefix][rename(prefix, key[len(prefix) :])] = key
+    missing, mismatched = [], []
+    for prefix, module in probe.items():
+        expected = module.state_dict()
+        unexpected += [theirs for ours, theirs in owned[prefix].items() if ours not in expected]
+        absent = sorted(file_key(prefix, k) for k in expected if k not in owned[prefix])
+        if len(absent) == len(expected) > 1:
+            missing.append(f"{prefix}* (all {len(expected)} keys)")
+        else:
+            missing += absent
+        for ours, theirs in owned[prefix].items():
+            if ours not in expected:
+                continue
+            tensor, target = state[theirs], expected[ours]
+            if tuple(tensor.shape) != tuple(target.shape):
+                mismatched.append(
+                    f"{theirs}: file {tuple(tensor.shape)} vs model {tuple(target.shape)}"
+                )
+            elif tensor.is_floating_point() != target.is_floating_point():
+                mismatched.append(f"{theirs}: file dtype {tensor.dtype} vs model {target.dtype}")
     if missing or unexpected or mismatched:
-        raise CheckpointContentError(
-            f"{source} does not match the policy its config describes. Missing keys: "
-            f"{preview(missing, 10)}; unexpected keys: {preview(unexpected, 10)}; shape "
-            f"mismatches: {preview(mismatched, 10, 120)}. Check that the file and its config "
-            "belong together."
+        raise error_type(
+            f"{source} does not match the networks its config describes: missing keys "
+            f"{preview(missing, 40, 120)}, unexpected keys {preview(sorted(unexpected), 40, 120)}"
+            f", shape mismatches {preview(mismatched, 10, 160)}. {hint}"
         )
-    module = build()
-    module.load_state_dict(state, strict=True)
-    return module
+    modules = build()
+    for prefix, module in modules.items():
+        targets = module.state_dict()
+        module.load_state_dict(
+            {ours: state[theirs].to(targets[ours].dtype) for ours, theirs in owned[prefix].items()}
+        )
+    return modules
 
 
 @contextmanager
