@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -71,44 +72,57 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # the event loop answers pings, /healthz and new connections while plans run in worker
-    # threads: a 1 ms GIL switch interval (default 5 ms) keeps it responsive under load
-    sys.setswitchinterval(0.001)
+    from policy_accel.control.config import SamplerConfig
     from policy_accel.control.server import serve
-    from policy_accel.sampling.errors import SolverOptionError
 
-    method, warm_start, options = args.method, args.warm_start, {}
-    if args.sampler is not None:  # a sampler config, e.g. one written by `bench --budget-ms`
-        sampler = _load_sampler(args.sampler, args.config_dir)
-        method = sampler.get("method", method)
-        warm_start = bool(sampler.get("warm_start", warm_start)) and args.warm_start
-        options = dict(sampler.get("options") or {})
-    if args.tolerance is not None:
-        options["tolerance"] = args.tolerance
+    _set_threads(args.threads)
+    # connection threads answer pings, /healthz and new clients while plans run in worker
+    # threads: a 1 ms GIL switch interval (default 5 ms) keeps them responsive under load
+    sys.setswitchinterval(0.001)
+    # a sampler config (e.g. one written by `bench --budget-ms`), then the flags on top of it
+    base = _load_sampler(args.sampler, args.config_dir) if args.sampler is not None else None
+    changes = {
+        key: value
+        for key, value in (
+            ("method", args.method),
+            ("budget_ms", args.budget_ms),
+            ("tolerance", args.tolerance),
+            ("scheduler", args.scheduler),
+            ("num_inference_steps", args.steps),
+        )
+        if value is not None
+    }
+    if not args.warm_start:
+        changes["warm_start"] = False
+    sampler = SamplerConfig.from_settings(base, **changes)
 
     def announce(port: int) -> None:
-        print(f"serving {args.checkpoint} on ws://{args.host}:{port} (GET /healthz)", flush=True)
-
-    try:
-        serve(
-            args.checkpoint,
-            host=args.host,
-            port=args.port,
-            method=method,
-            warm_start=warm_start,
-            budget_ms=args.budget_ms,
-            max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-            device=args.device,
-            max_workers=args.workers,
-            max_connections=args.max_connections,
-            api_key=args.api_key or os.environ.get("POLICY_ACCEL_API_KEY") or None,
-            on_start=announce,
-            **options,
+        print(
+            f"serving {args.checkpoint} ({sampler.label}) on ws://{args.host}:{port} "
+            "(GET /healthz)",
+            flush=True,
         )
-    except SolverOptionError as error:
-        print(f"policy-accel serve: {error}", file=sys.stderr)
-        return 2
+
+    serve(
+        args.checkpoint,
+        sampler,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        max_workers=args.workers,
+        max_connections=args.max_connections,
+        api_key=args.api_key or os.environ.get("POLICY_ACCEL_API_KEY") or None,
+        on_start=announce,
+    )
     return 0
+
+
+def _set_threads(threads: int) -> None:
+    """The torch thread count, set once per process at its entry point."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _compose(config_name: str, overrides: list[str], config_dir: Path) -> dict:
@@ -145,8 +159,10 @@ def _compose(config_name: str, overrides: list[str], config_dir: Path) -> dict:
         ) from error
 
 
-def _load_sampler(name_or_path: str, config_dir: Path) -> dict:
+def _load_sampler(name_or_path: str, config_dir: Path):
     from omegaconf import OmegaConf
+
+    from policy_accel.control.config import SamplerConfig
 
     path = Path(name_or_path)
     if not path.is_file():
@@ -154,7 +170,7 @@ def _load_sampler(name_or_path: str, config_dir: Path) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in (config_dir / "sampler").glob("*.yaml"))
         raise ValueError(f"sampler {name_or_path!r}: no such file or config (known: {known})")
-    return OmegaConf.to_container(OmegaConf.load(path))
+    return SamplerConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path)), name=path.stem)
 
 
 def _sampler_configs(config_dir: Path) -> dict[str, dict]:
@@ -166,22 +182,49 @@ def _sampler_configs(config_dir: Path) -> dict[str, dict]:
     }
 
 
+@contextmanager
+def progress_bars(quiet: bool):
+    """An ``on_progress(label, finished, total)`` callback drawing one tqdm bar per sampler."""
+    from tqdm import tqdm
+
+    bars: dict = {}
+
+    def on_progress(label: str, finished: int, total: int) -> None:
+        if quiet:
+            return
+        if label not in bars:
+            bars[label] = tqdm(total=total, desc=f"eval {label}", unit="ep")
+        bars[label].update(finished - bars[label].n)
+
+    try:
+        yield on_progress
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
 def _eval(args: argparse.Namespace) -> int:
     from policy_accel.eval.config import eval_config_from_dict
     from policy_accel.eval.evaluate import evaluate
 
     values = _compose("eval", args.overrides, args.config_dir)
     config = eval_config_from_dict(values, _sampler_configs(args.config_dir))
-    info, directory = evaluate(config, progress=not args.quiet)
+    _set_threads(config.runtime.threads)
+    with progress_bars(args.quiet) as on_progress:
+        info, directory = evaluate(config, on_progress=on_progress)
     rows = info.get("compare") or [
         {"sampler": config.sampler.label, **info["aggregated"], **info["latency"]}
     ]
-    print(f"{'sampler':<18} {'success %':>9} {'score':>6} {'rounds':>7} {'p50 ms':>8}")
+    print(
+        f"{'sampler':<18} {'success %':>9} {'score':>6} {'rounds':>7} {'p50 ms':>8} "
+        f"{'deadline':>8} {'fallback':>8}"
+    )
     for row in rows:
         print(
             f"{row['sampler']:<18} {row.get('pc_success', float('nan')):9.1f} "
             f"{row.get('mean_score', float('nan')):6.3f} {row.get('rounds_mean') or 0:7.1f} "
-            f"{row.get('latency_ms_p50') or 0:8.1f}"
+            f"{row.get('latency_ms_p50') or 0:8.1f} {row.get('deadline_misses') or 0:8d} "
+            f"{row.get('fallbacks') or 0:8d}"
         )
         diff = row.get("success_diff_vs_first")
         if diff and diff.get("n") and row is not rows[0]:
@@ -214,6 +257,7 @@ def _bench(args: argparse.Namespace) -> int:
     if env.get("obs") is not None:
         env_kwargs["obs"] = env["obs"]
     policy = load_policy(values["policy"]["path"], device=values["policy"]["device"])
+    _set_threads(values["runtime"]["threads"])
     report = run_sweep(
         policy,
         env["name"],
@@ -221,6 +265,7 @@ def _bench(args: argparse.Namespace) -> int:
         sweep,
         threads=values["runtime"]["threads"],
         sampler_dir=args.config_dir / "sampler",
+        log=print,
     )
     print(format_table(report["rows"]))
     choice = report.get("choice")
@@ -297,12 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         "--max-connections", type=int, default=32, help="clients connected at once (more: 503)"
     )
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve.add_argument("--method", default="picard", help="solver (sequential, picard, ...)")
+    serve.add_argument("--method", default=None, help="solver (default: picard or the sampler's)")
     serve.add_argument(
         "--no-warm-start", dest="warm_start", action="store_false", help="cold solves only"
     )
     serve.add_argument("--budget-ms", type=float, default=None, help="per-plan time budget")
     serve.add_argument("--tolerance", type=float, default=None, help="solver tolerance")
+    serve.add_argument(
+        "--scheduler", default=None, help="ddpm, ddim or dpm_solver (default: the checkpoint's)"
+    )
+    serve.add_argument("--steps", type=int, default=None, help="inference steps")
+    serve.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
     serve.add_argument(
         "--max-message-mb", type=float, default=8.0, help="largest request decoded (MiB)"
     )

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from policy_accel.eval.config import (
     EnvConfig,
@@ -84,7 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
         ],
     )
-    info, directory = evaluate(config)
+    from policy_accel.cli import progress_bars
+
+    torch.set_num_threads(1)
+    with progress_bars(quiet=False) as on_progress:
+        info, directory = evaluate(config, on_progress=on_progress)
     plot(info, directory / "rounds_latency.png")
     sequential = info["runs"][0]["latency"]["latency_ms_p50"]
     print(f"\nPushT, {args.episodes} of DiffusionPolicy's test episodes, 100-step DDPM:")

@@ -25,13 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import envs
-from policy_accel.control import Controller
+from policy_accel.control import Controller, SamplerConfig, latency_stats
 from policy_accel.execution import make_executor
 from policy_accel.json_files import write_json
 from policy_accel.policies.base import Policy
+
+STATS = (
+    "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "rounds_mean", "model_evals_mean",
+    "converged_fraction",
+)  # fmt: skip
 
 
 @dataclass
@@ -67,11 +71,10 @@ def record_episode(
     histories = []
     obs, _ = env.reset(seed=seed)
     while len(histories) < replans:
-        plans = len(controller.records)
-        action = controller.act(obs)
-        if len(controller.records) > plans:
-            histories.append(controller.history.stacked())
-        obs, _, terminated, truncated, _ = env.step(action)
+        step = controller.step(obs)
+        if step.plan is not None:
+            histories.append({key: value[0] for key, value in step.plan.observations.items()})
+        obs, _, terminated, truncated, _ = env.step(step.action)
         if terminated or truncated:
             break
     env.close()
@@ -108,31 +111,23 @@ def replay(policy: Policy, recording: Recording, setting: dict, warmup: int, see
     executor = (
         make_executor(device=devices[0]) if len(devices) == 1 else make_executor(devices=devices)
     )
-    controller = Controller(
-        policy,
-        method=setting["method"],
-        warm_start=setting["warm_start"],
-        seed=seed,
-        executor=executor,
-        **setting["options"],
+    sampler = SamplerConfig(
+        method=setting["method"], warm_start=setting["warm_start"], options=setting["options"]
     )
-    errors = []
+    controller = Controller(policy, sampler, seed=seed, executor=executor)
+    errors, records = [], []
     for index, history in enumerate(recording.histories):
-        chunk = controller.replan(history=history, executed=recording.executed if index else 0)
-        errors.append(float(np.abs(chunk - controller.reference_chunk(history)).max()))
-    records = controller.records[warmup:] or controller.records
-    latency = np.array([r.latency_ms for r in records])
+        plan = controller.replan(history=history, executed=recording.executed if index else 0)
+        errors.append(float(np.abs(plan.chunk - controller.reference(plan)).max()))
+        records.append(plan.record)
+    records = records[warmup:] or records
+    stats = latency_stats(records)
     return {
         **setting,
         "label": label(setting),
         "replans": len(records),
-        "latency_ms_p50": float(np.percentile(latency, 50)),
-        "latency_ms_p95": float(np.percentile(latency, 95)),
-        "latency_ms_p99": float(np.percentile(latency, 99)),
-        "latency_ms": latency.tolist(),
-        "rounds_mean": float(np.mean([r.rounds for r in records])),
-        "model_evals_mean": float(np.mean([r.model_evals for r in records])),
-        "converged_fraction": float(np.mean([r.converged for r in records])),
+        **{key: stats[key] for key in STATS},
+        "latency_ms": [r.latency_ms for r in records],
         "max_action_error": max(errors),
     }
 
@@ -244,10 +239,12 @@ def run_sweep(
     config: SweepConfig,
     threads: int = 1,
     sampler_dir: Path | None = None,
-    log=print,
+    log=None,
 ) -> dict:
-    """Record, replay every configuration, choose for the budget, write JSON/CSV/PNG."""
-    torch.set_num_threads(threads)
+    """Record, replay every configuration, choose for the budget, write JSON/CSV/PNG.
+    ``log(line)`` reports progress (the CLI prints it); ``threads`` is recorded (the entry
+    point sets it)."""
+    log = log or (lambda line: None)
     recording = record_episode(policy, env_name, env_kwargs, config.seed, config.replans)
     log(f"recorded {len(recording.histories)} replans of {env_name} seed {config.seed}")
     rows = []

@@ -23,7 +23,7 @@ import torch
 
 import envs
 from policy_accel.bench.solvers import machine
-from policy_accel.control import Controller
+from policy_accel.control import Controller, latency_stats
 from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
@@ -43,31 +43,34 @@ def run_configuration(
         obs, _ = env.reset(seed=seed)
         score, info = 0.0, {}
         while True:
-            plans = len(controller.records)
-            action = controller.act(obs)
-            if len(controller.records) > plans and method != "sequential":
-                errors.append(
-                    float(np.abs(controller.last_chunk - controller.reference_chunk()).max())
-                )
-            obs, _, terminated, truncated, info = env.step(action)
+            step = controller.step(obs)
+            if step.plan is not None:
+                records.append(step.plan.record)
+                if method != "sequential":
+                    reference = controller.reference(step.plan)
+                    errors.append(float(np.abs(step.plan.chunk - reference).max()))
+            obs, _, terminated, truncated, info = env.step(step.action)
             score = max(score, float(info.get("score", 0.0)))
             if terminated or truncated:
                 break
-        records.extend(controller.records)
         episodes.append({"seed": seed, "success": bool(info["is_success"]), "score": score})
     env.close()
-    latency = np.array([r.latency_ms for r in records])
-    rounds = np.array([r.rounds for r in records])
+    stats = latency_stats(records)
     return {
         "method": method,
         "warm_start": warm,
         "replans": len(records),
-        "rounds_mean": float(rounds.mean()),
-        "rounds_p90": float(np.percentile(rounds, 90)),
-        "model_evals_mean": float(np.mean([r.model_evals for r in records])),
-        "converged_fraction": float(np.mean([r.converged for r in records])),
-        "latency_ms_p50": float(np.percentile(latency, 50)),
-        "latency_ms_p99": float(np.percentile(latency, 99)),
+        **{
+            key: stats[key]
+            for key in (
+                "rounds_mean",
+                "rounds_p90",
+                "model_evals_mean",
+                "converged_fraction",
+                "latency_ms_p50",
+                "latency_ms_p99",
+            )
+        },  # fmt: skip
         "success": float(np.mean([e["success"] for e in episodes])),
         "mean_score": float(np.mean([e["score"] for e in episodes])),
         "max_action_error": max(errors) if errors else 0.0,

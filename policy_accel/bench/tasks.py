@@ -54,7 +54,7 @@ def evaluate(
     episodes: int,
     batch_size: int,
     limits: dict[str, int] | None = None,
-    log=print,
+    log=None,
     on_row=None,
 ) -> dict:
     policy = load_policy(spec["path"])
@@ -85,7 +85,7 @@ def evaluate(
         sampler = SamplerConfig(method=method, warm_start=method != "sequential")
         start = time.perf_counter()
         config.eval.n_episodes = min(episodes, (limits or {}).get(method, episodes))
-        run = rollout(config, sampler, policy=policy, progress=False)
+        run = rollout(config, sampler, policy=policy)
         row = {
             "method": method,
             "warm_start": sampler.warm_start,
@@ -103,11 +103,10 @@ def evaluate(
         elif reference is not None:
             row["success_diff_vs_sequential"] = paired_difference(run["per_episode"], reference)
         rows.append(row)
-        log(
+        (log or (lambda line: None))(
             f"{name:>16} {method:>10}: success {row['pc_success']:5.1f}%  score "
             f"{row['mean_score']:.3f}  rounds/replan {row['rounds_mean']:5.1f} "
-            f"(p90 {row['rounds_p90']:.0f})  {row['wall_s']:6.1f} s",
-            flush=True,
+            f"(p90 {row['rounds_p90']:.0f})  {row['wall_s']:6.1f} s"
         )
         if on_row is not None:
             on_row(result)  # finished solvers are kept if a later one is interrupted
@@ -160,7 +159,14 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:
         report["results"].append(
             evaluate(
-                n, available[n], args.methods, args.episodes, args.batch_size, limits, on_row=save
+                n,
+                available[n],
+                args.methods,
+                args.episodes,
+                args.batch_size,
+                limits,
+                log=lambda line: print(line, flush=True),
+                on_row=save,
             )
         )
         save()

@@ -1,20 +1,34 @@
-"""Closed-loop control: the Controller (receding horizon, warm starts, deadlines), the
-asynchronous runtime, and the openpi-compatible server and client."""
+"""Closed-loop control: one planning core (:class:`Planner`) behind the Controller (receding
+horizon, warm starts, deadlines), the BatchController (many envs, one batched call), the
+asynchronous runtime, and the openpi-compatible server and client. Importing it needs neither
+gymnasium nor the simulated tasks."""
 
+from policy_accel.control.batch import BatchController
 from policy_accel.control.client import PolicyClient, ServerError
-from policy_accel.control.controller import Controller, PlanRecord, latency_stats
+from policy_accel.control.config import SamplerConfig
+from policy_accel.control.controller import Controller, ControlStep
+from policy_accel.control.history import ObservationHistory
+from policy_accel.control.planner import Plan, Planner, RowState
+from policy_accel.control.records import PlanRecord, latency_stats
 from policy_accel.control.runtime import AsyncController, RunStats
 from policy_accel.control.server import PolicyServer, RequestError, serve
 from policy_accel.control.wire import WireError
 
 __all__ = [
     "AsyncController",
+    "BatchController",
+    "ControlStep",
     "Controller",
+    "ObservationHistory",
+    "Plan",
     "PlanRecord",
+    "Planner",
     "PolicyClient",
     "PolicyServer",
     "RequestError",
+    "RowState",
     "RunStats",
+    "SamplerConfig",
     "ServerError",
     "WireError",
     "latency_stats",

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from envs.receding_horizon import ObservationHistory
 from policy_accel.control.controller import Controller
+from policy_accel.control.history import ObservationHistory
+from policy_accel.control.records import PlanRecord
 
 MERGES = ("latest", "average")
 
@@ -57,6 +58,7 @@ class RunStats:
     total_reward: float = 0.0
     success: bool = False
     info: dict = field(default_factory=dict)
+    records: list[PlanRecord] = field(default_factory=list)  # one per plan, in arrival order
 
 
 class AsyncController:
@@ -133,15 +135,17 @@ class AsyncController:
 
     def _plan(self, snapshot: Any, slot: int, executed: int) -> None:
         try:
-            chunk = self.controller.replan(history=snapshot, executed=executed)
-            self._merge(chunk, slot)
+            plan = self.controller.replan(history=snapshot, executed=executed)
+            self._merge(plan.chunk, slot, plan.record)
         except BaseException as error:  # surfaced on the control thread
             self._error = error
 
-    def _merge(self, chunk: np.ndarray, slot: int) -> None:
+    def _merge(self, chunk: np.ndarray, slot: int, record: PlanRecord | None = None) -> None:
         with self._lock:
             now = self.slot
             self.stats.plans += 1
+            if record is not None:
+                self.stats.records.append(record)
             for offset, action in enumerate(chunk):
                 target = slot + offset
                 if target < now:

@@ -78,13 +78,13 @@ from websockets.sync.server import ServerConnection
 from websockets.sync.server import serve as websocket_serve
 
 from policy_accel.control import wire
+from policy_accel.control.config import SamplerConfig
 from policy_accel.control.controller import Controller
 from policy_accel.control.memory import BIG_REQUEST_BYTES, limit_heap_arenas, release_freed_memory
 from policy_accel.control.workers import WorkerPool, forget_frames
 from policy_accel.messages import bounded, preview
 from policy_accel.policies.base import ObservationError, Policy, describe_spec
 from policy_accel.policies.loading import load_policy
-from policy_accel.sampling.sample import solver_options as parse_solver_options
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,6 @@ DEFAULT_REQUEST_TIMEOUT_S = 5.0
 MAX_QUEUED_FRAMES = 1
 SHUTDOWN_GRACE_S = 0.5
 OPEN_TIMEOUT_S = 5.0  # a client that does not finish its handshake in time is dropped
-# a connection's Controller appends a PlanRecord per plan; the server reads only the last one, so
-# it keeps a bounded tail instead of growing for as long as a robot stays connected
-KEPT_RECORDS = 1000
 
 __all__ = [
     "DEFAULT_HOST",
@@ -153,8 +150,10 @@ class PolicyServer:
         policy: a loaded policy, shared by all connections.
         host, port: where to listen; ``port=0`` picks a free port, and ``port`` holds the bound
             one once the server listens.
-        method, warm_start, n_action_steps, budget_ms, fallback_steps, seed, solver_options:
-            the settings of every connection's Controller.
+        sampler: how every connection's Controller samples
+            (:class:`~policy_accel.control.config.SamplerConfig`); ``settings`` are shortcuts for
+            its fields and solver options (``method="taa", tolerance=1e-4``).
+        n_action_steps, seed: the Controllers' chunk length and noise seed.
         max_message_bytes: the largest request frame accepted (larger frames close the
             connection with code 1009).
         max_workers: threads that run plans; concurrent connections plan in parallel up to this.
@@ -167,14 +166,11 @@ class PolicyServer:
     def __init__(
         self,
         policy: Policy,
+        sampler: SamplerConfig | None = None,
         *,
         host: str = DEFAULT_HOST,
         port: int = 8000,
-        method: str = "picard",
-        warm_start: bool = True,
         n_action_steps: int | None = None,
-        budget_ms: float | None = None,
-        fallback_steps: int | None = None,
         seed: int = 0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_workers: int = 4,
@@ -182,7 +178,7 @@ class PolicyServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         api_key: str | None = None,
-        **solver_options: Any,
+        **settings: Any,
     ) -> None:
         for name, value in (
             ("max_message_bytes", max_message_bytes),
@@ -196,7 +192,7 @@ class PolicyServer:
             raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s!r}.")
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None.")
-        parse_solver_options(method, **solver_options)  # unknown options fail now, not per plan
+        self.sampler = SamplerConfig.from_settings(sampler, **settings)  # invalid: fails now
         self.policy = policy
         self.host = host
         self.port = port
@@ -206,15 +202,7 @@ class PolicyServer:
         self.max_connections = int(max_connections)
         self.request_timeout_s = float(request_timeout_s)
         self._api_key = api_key
-        self._controller_settings = dict(
-            method=method,
-            warm_start=warm_start,
-            n_action_steps=n_action_steps,
-            budget_ms=budget_ms,
-            fallback_steps=fallback_steps,
-            seed=seed,
-            **solver_options,
-        )
+        self.n_action_steps, self.seed = n_action_steps, seed
         controller = self.new_controller()  # invalid settings fail here, before serving
         self.metadata: dict[str, Any] = {
             "protocol": "openpi",
@@ -225,12 +213,13 @@ class PolicyServer:
             "horizon": policy.horizon,
             "action_dim": policy.action_dim,
             "n_action_steps": controller.n_action_steps,
-            "num_inference_steps": policy.num_inference_steps,
-            "method": method,
-            "solver_options": dict(solver_options),
-            "warm_start": warm_start,
-            "budget_ms": budget_ms,
-            "fallback_steps": fallback_steps,
+            "num_inference_steps": controller.planner.num_steps,
+            "method": self.sampler.method,
+            "solver_options": dict(self.sampler.options),
+            "warm_start": self.sampler.warm_start,
+            "budget_ms": self.sampler.budget_ms,
+            "fallback_steps": self.sampler.fallback_steps,
+            "scheduler": type(controller.planner.scheduler).__name__,
             "seed": seed,
             "reset_key": RESET_KEY,
             "max_message_bytes": self.max_message_bytes,
@@ -246,7 +235,9 @@ class PolicyServer:
 
     def new_controller(self) -> Controller:
         """A fresh Controller with the server's settings (what each connection gets)."""
-        return Controller(self.policy, **self._controller_settings)
+        return Controller(
+            self.policy, self.sampler, n_action_steps=self.n_action_steps, seed=self.seed
+        )
 
     @property
     def connections(self) -> int:
@@ -289,7 +280,7 @@ class PolicyServer:
                 logger.info(
                     "serving %s (%s) on ws://%s:%d",
                     type(self.policy).__name__,
-                    self._controller_settings["method"],
+                    self.sampler.label,
                     self.host,
                     self.port,
                 )
@@ -532,10 +523,8 @@ def _step(controller: Controller, reset: bool, observation: dict[str, np.ndarray
         controller.reset()
     if observation is None:
         return None, None
-    chunk = controller.plan(observation)
-    record = controller.records[-1]
-    del controller.records[:-KEPT_RECORDS]
-    return chunk, record
+    plan = controller.plan(observation)
+    return plan.chunk, plan.record
 
 
 def _is_loopback(host: str) -> bool:
@@ -549,32 +538,20 @@ def _is_loopback(host: str) -> bool:
 
 def serve(
     checkpoint_or_policy: str | Path | Policy,
+    sampler: SamplerConfig | None = None,
+    *,
     host: str = DEFAULT_HOST,
     port: int = 8000,
-    method: str = "picard",
-    warm_start: bool = True,
-    budget_ms: float | None = None,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     device: str = "cpu",
     on_start: Callable[[int], None] | None = None,
     **options: Any,
 ) -> None:
     """Load a checkpoint (any format :func:`~policy_accel.load_policy` reads) or take a loaded
-    policy and serve it until SIGINT/SIGTERM. ``options`` go to :class:`PolicyServer`
-    (``n_action_steps``, ``fallback_steps``, ``seed``, ``max_workers``, ``max_connections``,
-    ``api_key``, solver options)."""
+    policy and serve it with ``sampler`` until SIGINT/SIGTERM. ``options`` go to
+    :class:`PolicyServer` (``n_action_steps``, ``seed``, ``max_message_bytes``, ``max_workers``,
+    ``max_connections``, ``api_key``, sampler shortcuts)."""
     if isinstance(checkpoint_or_policy, Policy):
         policy = checkpoint_or_policy
     else:
         policy = load_policy(checkpoint_or_policy, device=device)
-    server = PolicyServer(
-        policy,
-        host=host,
-        port=port,
-        method=method,
-        warm_start=warm_start,
-        budget_ms=budget_ms,
-        max_message_bytes=max_message_bytes,
-        **options,
-    )
-    server.serve_forever(on_start)
+    PolicyServer(policy, sampler, host=host, port=port, **options).serve_forever(on_start)

@@ -6,6 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from policy_accel.control.config import SamplerConfig
+
+__all__ = [
+    "EnvConfig",
+    "EvalConfig",
+    "EvalSettings",
+    "PolicyConfig",
+    "RuntimeConfig",
+    "SamplerConfig",
+    "eval_config_from_dict",
+]
+
 
 @dataclass
 class PolicyConfig:
@@ -20,18 +32,6 @@ class EnvConfig:
     first_seed: int = 100000
     max_episode_steps: int | None = 300
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SamplerConfig:
-    method: str = "picard"
-    warm_start: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
-    name: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.name or f"{self.method}{'_warm' if self.warm_start else ''}"
 
 
 @dataclass
@@ -92,11 +92,11 @@ def eval_config_from_dict(values: dict[str, Any], samplers: dict[str, dict] | No
     for name in values.get("eval", {}).get("compare", []) or []:
         if samplers is None or name not in samplers:
             raise ValueError(f"eval.compare names sampler {name!r}, which has no config")
-        compare.append(_build(SamplerConfig, {**samplers[name], "name": name}, f"sampler/{name}"))
+        compare.append(SamplerConfig.from_dict(samplers[name], name=name))
     return EvalConfig(
         policy=_build(PolicyConfig, values.get("policy", {}), "policy"),
         env=_build(EnvConfig, values.get("env", {}), "env"),
-        sampler=_build(SamplerConfig, values.get("sampler", {}), "sampler"),
+        sampler=SamplerConfig.from_dict(values.get("sampler", {})),
         runtime=_build(RuntimeConfig, values.get("runtime", {}), "runtime"),
         eval=_build(EvalSettings, values.get("eval", {}), "eval"),
         compare_samplers=compare,

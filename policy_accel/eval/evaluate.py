@@ -29,9 +29,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
-from tqdm import tqdm
 
 import envs
 from policy_accel.control.batch import BatchController
@@ -85,10 +83,10 @@ class _Episode:
         self.success = False
         self.steps = 0
         self.error: str | None = None
-        self.plans: list[int] = []
+        self.records: list = []  # this episode's row record of every replan
 
-    def result(self, records) -> dict:
-        mine = [records[i] for i in self.plans]
+    def result(self) -> dict:
+        mine = self.records
         out = {
             "seed": self.seed,
             "sum_reward": self.sum_reward,
@@ -98,6 +96,8 @@ class _Episode:
             "replans": len(mine),
             "rounds_mean": float(np.mean([r.rounds for r in mine])) if mine else 0.0,
             "latency_ms_p50": float(np.median([r.latency_ms for r in mine])) if mine else 0.0,
+            "deadline_misses": int(sum(r.deadline_hit for r in mine)),
+            "fallbacks": int(sum(r.fallback for r in mine)),
         }
         if self.coverage is not None:
             out["coverage"] = self.coverage
@@ -129,29 +129,21 @@ def rollout(
     video_dir: Path | None = None,
     on_episode=None,
     env_factory=None,
-    progress: bool = True,
 ) -> dict:
     """Run ``eval.n_episodes`` episodes with ``sampler``; returns eval_info (no files but
-    videos)."""
+    videos). ``on_episode(finished)`` is called with the list of finished episodes after each
+    one (progress, partial saves)."""
     policy = policy or load_policy(config.policy.path, device=config.policy.device)
     seeds = [config.env.first_seed + i for i in range(config.eval.n_episodes)]
     size = min(config.eval.batch_size, len(seeds))
     vector = make_vector_env(config, size, env_factory)
-    controller = BatchController(
-        policy,
-        seeds[:size],
-        method=sampler.method,
-        warm_start=sampler.warm_start,
-        noise_seed=config.eval.noise_seed,
-        **sampler.options,
-    )
-    n_act = policy.n_action_steps
+    controller = BatchController(policy, seeds[:size], sampler, noise_seed=config.eval.noise_seed)
+    n_act = controller.n_action_steps
     delay_setting = config.runtime.inference_delay_steps
     pending = list(seeds)
     episodes: list[_Episode | None] = [None] * size
     finished: list[dict] = []
     videos_left = config.eval.n_videos
-    bar = tqdm(total=len(seeds), desc=f"eval {sampler.label}", unit="ep", disable=not progress)
 
     def start(rows: np.ndarray) -> Any:
         nonlocal videos_left
@@ -178,10 +170,8 @@ def rollout(
             frames = _call_one(vector, row, "take_frames")
             if frames:
                 write_video(video_dir / f"episode_{episode.seed}.mp4", frames, config)
-        result = episode.result(controller.records)
-        finished.append(result)
+        finished.append(episode.result())
         episodes[row] = None
-        bar.update(1)
         if on_episode is not None:
             on_episode(finished)
 
@@ -205,12 +195,12 @@ def rollout(
                 continue
             if new_episode.any():
                 controller.start_rows(obs, new_episode)
-            future = controller.plan(new_episode, executed)
-            plan_index = len(controller.records) - 1
+            plan = controller.plan(new_episode, executed)
+            future = plan.future
             for row in np.flatnonzero(live):
-                episodes[row].plans.append(plan_index)
+                episodes[row].records.append(plan.records[row])
             if delay_setting == "auto":
-                latency_s = controller.records[-1].latency_ms / 1e3
+                latency_s = plan.record.latency_ms / 1e3
                 delay = math.ceil(latency_s * config.runtime.control_hz)
             else:
                 delay = int(delay_setting)
@@ -239,7 +229,8 @@ def rollout(
                         episode.success = bool(_info_value(info, "is_success", row, False))
                         done_rows[row] = True
                 obs = obs_k  # rows whose episode ended repeat their last observation
-                controller.observe(obs)  # the history holds consecutive steps, as in training
+                # the history holds consecutive steps, as in training; live rows are validated
+                controller.observe(obs, live & ~done_rows)
                 if (done_rows | ~live).all():
                     break
             executed = n_act
@@ -252,11 +243,11 @@ def rollout(
             if restart.any():
                 obs = _set_rows(obs, start(restart), restart)
     finally:
-        bar.close()
         vector.close()
     finished.sort(key=lambda e: e["seed"])
     return {
-        "sampler": asdict(sampler),
+        "label": sampler.label,
+        "sampler": sampler.to_dict(),
         "aggregated": aggregate(finished),
         "latency": latency_stats(controller.records),
         "per_episode": finished,
@@ -321,9 +312,10 @@ def output_directory(config: EvalConfig, name: str) -> Path:
     raise FileExistsError(f"no free output directory for {base} in {parent}.")
 
 
-def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tuple[dict, Path]:
-    """The whole ``policy-accel eval`` run: one sampler, or several in compare mode."""
-    torch.set_num_threads(config.runtime.threads)
+def evaluate(config: EvalConfig, on_progress=None, env_factory=None) -> tuple[dict, Path]:
+    """The whole ``policy-accel eval`` run: one sampler, or several in compare mode.
+    ``on_progress(label, finished, total)`` reports each finished episode (the CLI draws a bar).
+    The torch thread count is the entry point's to set (``runtime.threads`` in the CLI)."""
     policy = load_policy(config.policy.path, device=config.policy.device)
     samplers = [config.sampler, *config.compare_samplers]
     name = config.eval.name or f"{config.env.name.replace('/', '_')}_{config.sampler.label}"
@@ -351,9 +343,11 @@ def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tup
             sampler,
             policy=policy,
             video_dir=directory / "videos" / sampler.label if config.eval.n_videos else None,
-            on_episode=lambda done, label=sampler.label: save(done, label),
+            on_episode=lambda done, label=sampler.label: (
+                save(done, label),
+                on_progress and on_progress(label, len(done), config.eval.n_episodes),
+            ),
             env_factory=env_factory,
-            progress=progress,
         )
         runs.append(run)
         save()
@@ -365,10 +359,12 @@ def evaluate(config: EvalConfig, progress: bool = True, env_factory=None) -> tup
     if len(runs) > 1:
         info["compare"] = [
             {
-                "sampler": run["sampler"]["name"] or run["sampler"]["method"],
+                "sampler": run["label"],
                 **run["aggregated"],
                 "rounds_mean": run["latency"].get("rounds_mean"),
                 "latency_ms_p50": run["latency"].get("latency_ms_p50"),
+                "deadline_misses": run["latency"].get("deadline_misses"),
+                "fallbacks": run["latency"].get("fallbacks"),
                 "success_diff_vs_first": paired_difference(
                     run["per_episode"], first["per_episode"]
                 ),

@@ -4,8 +4,9 @@ Options: run the model on another ``device`` or in another ``dtype`` than the so
 (inputs are moved and cast for the call, outputs come back on the solver's device and dtype, so
 an fp16/bf16 model runs under an fp32 solver); ``compile`` the denoiser with ``torch.compile``;
 capture each window shape in a CUDA graph (``cuda_graphs``: static input and output buffers
-reused across rounds, one replay per round, no allocation or host synchronisation inside it);
-and set the CPU thread count (recorded in :meth:`describe` for benchmarks).
+reused across rounds, one replay per round, no allocation or host synchronisation inside it).
+The CPU thread count is a process setting made once at the entry points (the CLI, benchmarks);
+:meth:`describe` records it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class LocalExecutor(Executor):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         *,
-        num_threads: int | None = None,
         compile: bool = False,
         cuda_graphs: bool = False,
     ) -> None:
@@ -36,10 +36,6 @@ class LocalExecutor(Executor):
             raise ValueError(
                 "cuda_graphs=True needs device='cuda[:i]': CUDA graphs replay on a GPU only."
             )
-        if num_threads is not None:
-            if num_threads < 1:
-                raise ValueError(f"num_threads must be >= 1. Got {num_threads}.")
-            torch.set_num_threads(num_threads)
         self.compile = compile
         self.cuda_graphs = cuda_graphs
         self._compiled: dict[int, Denoiser] = {}

@@ -13,7 +13,7 @@ sample with that noise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -132,15 +132,6 @@ class DenoisingProblem:
             noise=_zero_unused(noise.to(device=device, dtype=dtype), rule),
             mask=None if mask is None else mask.to(device=device, dtype=torch.bool),
             cond_data=None if cond_data is None else cond_data.to(device=device, dtype=dtype),
-        )
-
-    def with_noise(self, x_T: Tensor, noise: Tensor) -> DenoisingProblem:
-        """The same problem with other starting noise and step noise (e.g. a warm start's)."""
-        if tuple(x_T.shape) != tuple(self.x_T.shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(self.x_T.shape)}.")
-        _check_noise_shape(noise, tuple(self.noise.shape))
-        return replace(
-            self, x_T=x_T.to(self.x_T), noise=_zero_unused(noise.to(self.noise), self.rule)
         )
 
     # --- shapes -----------------------------------------------------------------------------

@@ -20,6 +20,9 @@ Two guesses are offered:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -97,18 +100,83 @@ def trajectory_from_predictions(problem: DenoisingProblem, x0_predictions: Tenso
     return x
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """What one row's next replan starts from: its last problem's noise and its solver's
+    trajectory and clean-sample predictions (each with a batch axis of 1)."""
+
+    x_T: Tensor  # [1, *event]
+    noise: Tensor  # [N, 1, *event]
+    x0_predictions: Tensor  # [N, 1, *event]
+    trajectory: Tensor  # [N + 1, 1, *event]
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.noise.shape[0])
+
+    @classmethod
+    def rows(cls, problem: DenoisingProblem, result: SampleResult) -> list[WarmStart]:
+        """One warm start per row of a solved ``problem``."""
+        return [
+            cls(
+                problem.x_T[row : row + 1],
+                problem.noise[:, row : row + 1],
+                result.x0_predictions[:, row : row + 1],
+                result.trajectory[:, row : row + 1],
+            )
+            for row in range(problem.batch_size)
+        ]
+
+    def shifted_noise(
+        self, shift: int, axis: int = 0, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """This row's noise ``shift`` horizon entries later (:func:`shift_noise`)."""
+        if shift == 0:
+            return self.x_T, self.noise
+        return shift_noise(self.x_T, self.noise, shift, axis, generator)
+
+
 def warm_start_guess(
     problem: DenoisingProblem,
-    previous: SampleResult,
-    shift: int,
+    previous: SampleResult | Sequence[WarmStart | None],
+    shift: int | Sequence[int],
     axis: int = 0,
     space: str = "prediction",
 ) -> Tensor:
     """A trajectory guess for ``problem`` (already holding the shifted noise, see
-    :func:`shift_noise`) from the ``previous`` replan's result, ``shift`` executed steps later."""
+    :func:`shift_noise`) from the previous replan, ``shift`` executed steps later: one
+    ``SampleResult`` for all rows, or one :class:`WarmStart` per row (``None``: a row that
+    starts cold gets ParaDiGMS' cold guess, ``x_T`` everywhere) with one shift each."""
     if space not in SPACES:
         raise ValueError(f"space must be one of {list(SPACES)}. Got {space!r}.")
+    rows = WarmStart.rows(problem, previous) if isinstance(previous, SampleResult) else previous
+    shifts = [shift] * len(rows) if isinstance(shift, int) else list(shift)
+    if len(rows) != problem.batch_size or len(shifts) != len(rows):
+        raise ValueError(
+            f"{len(rows)} warm starts and {len(shifts)} shifts for a batch of "
+            f"{problem.batch_size} rows."
+        )
+    cold = problem.x_T.unsqueeze(0).expand(problem.trajectory_shape)
+    if all(row is None for row in rows):
+        return cold.clone()
     if space == "trajectory":
-        return shift_trajectory(previous.trajectory, shift, axis)
-    predictions = _shift(previous.x0_predictions, shift, 2 + axis)[1]
-    return trajectory_from_predictions(problem, predictions)
+        parts = [
+            cold[:, r : r + 1] if row is None else shift_trajectory(row.trajectory, s, axis)
+            for r, (row, s) in enumerate(zip(rows, shifts, strict=True))
+        ]
+        return torch.cat(parts, dim=1).to(problem.x_T)
+    template = next(row.x0_predictions for row in rows if row is not None)
+    predictions = torch.cat(
+        [
+            torch.zeros_like(template)
+            if row is None
+            else _shift(row.x0_predictions, s, 2 + axis)[1]
+            for row, s in zip(rows, shifts, strict=True)
+        ],
+        dim=1,
+    )
+    guess = trajectory_from_predictions(problem, predictions)
+    for r, row in enumerate(rows):
+        if row is None:
+            guess[:, r] = problem.x_T[r]
+    return guess

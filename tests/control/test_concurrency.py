@@ -67,11 +67,11 @@ def test_concurrent_first_plans_and_newton_plans_equal_a_single_thread(tiny_push
 
     def work(index: int) -> None:
         controller = Controller(tiny_pusht_policy, **settings[index % len(settings)])
-        chunks[index] = [controller.plan(obs) for obs in streams[index]]
+        chunks[index] = [controller.plan(obs).chunk for obs in streams[index]]
 
     errors = _run_threads(len(streams), work)
     assert not errors, errors[:3]
     for index, stream in streams.items():
         alone = Controller(tiny_pusht_policy, **settings[index % len(settings)])
         for chunk, obs in zip(chunks[index], stream, strict=True):
-            np.testing.assert_array_equal(chunk, alone.plan(obs))
+            np.testing.assert_array_equal(chunk, alone.plan(obs).chunk)

@@ -40,21 +40,21 @@ def test_history_repeats_the_first_observation_and_never_mutates_the_callers(
     assert np.all(controller.history.stacked()["obs"] == original)
 
 
-def _sequential_chunk(policy, controller):
-    """The chunk sequential sampling gives for the controller's last observation and noise,
-    computed here independently of ``Controller.reference_chunk``."""
-    x_T, noise = controller.last_noise
-    problem = policy.problem(controller._policy_obs(), x_T=x_T, noise=noise)
+def _sequential_chunk(policy, plan):
+    """The chunk sequential sampling gives for a plan's observation and noise, computed here
+    independently of ``Controller.reference``."""
+    problem = policy.problem(plan.observations, x_T=plan.problem.x_T, noise=plan.problem.noise)
     return policy.decode(sample(problem, "sequential").sample)["action"][0].numpy()
 
 
-def test_reference_chunk_is_the_sequential_sample_of_the_last_plan(tiny_pusht_policy, env):
+def test_reference_is_the_sequential_sample_of_the_plan(tiny_pusht_policy, env):
     controller = Controller(tiny_pusht_policy, method="picard", tolerance=1e-6)
     obs, _ = env.reset(seed=7)
-    chunk = controller.plan(obs)
-    expected = _sequential_chunk(tiny_pusht_policy, controller)
-    np.testing.assert_allclose(controller.reference_chunk(), expected, atol=1e-6)
-    np.testing.assert_allclose(chunk, expected, atol=1e-3)
+    plan = controller.plan(obs)
+    expected = _sequential_chunk(tiny_pusht_policy, plan)
+    np.testing.assert_allclose(controller.reference(plan), expected, atol=1e-6)
+    np.testing.assert_allclose(plan.chunk, expected, atol=1e-3)
+    assert plan.record.method == "picard" and plan.result.converged
 
 
 @pytest.mark.parametrize("method", ["picard", "newton", "paradigms"])
@@ -64,33 +64,38 @@ def test_warm_started_chunks_equal_cold_chunks_with_the_same_shifted_noise(
     controller = Controller(tiny_pusht_policy, method=method, tolerance=1e-6)
     obs, _ = env.reset(seed=2)
     controller.observe(obs)
+    plans = []
     for _ in range(3):  # three replans: one cold, two warm
-        chunk = controller.replan(executed=8 if controller.records else 0)
-        expected = _sequential_chunk(tiny_pusht_policy, controller)
-        np.testing.assert_allclose(chunk, expected, atol=1e-3)
-        for action in chunk:
+        plans.append(controller.replan(executed=8 if plans else 0))
+        expected = _sequential_chunk(tiny_pusht_policy, plans[-1])
+        np.testing.assert_allclose(plans[-1].chunk, expected, atol=1e-3)
+        for action in plans[-1].chunk:
             obs, *_ = env.step(action)
             controller.observe(obs)
-    assert [r.warm for r in controller.records] == [False, True, True]
-    assert [r.shift for r in controller.records] == [0, 8, 8]
+    assert [p.record.warm for p in plans] == [False, True, True]
+    assert [p.record.shift for p in plans] == [0, 8, 8]
 
 
 def test_consecutive_warm_plans_share_noise_on_their_overlap(tiny_pusht_policy, env):
     controller = Controller(tiny_pusht_policy, method="picard")
     obs, _ = env.reset(seed=3)
-    for _ in range(8):
-        obs, *_ = env.step(controller.act(obs))
-    first_noise = controller.last_noise
-    controller.act(obs)  # replans after 8 executed actions
-    second_noise = controller.last_noise
-    torch.testing.assert_close(second_noise[0][:, :8], first_noise[0][:, 8:])
-    torch.testing.assert_close(second_noise[1][:, :, :8], first_noise[1][:, :, 8:])
+    steps = []
+    for _ in range(9):  # replans at the first step and after 8 executed actions
+        steps.append(controller.step(obs))
+        obs, *_ = env.step(steps[-1].action)
+    first, second = steps[0].plan.problem, steps[8].plan.problem
+    assert all(step.plan is None for step in steps[1:8])
+    torch.testing.assert_close(second.x_T[:, :8], first.x_T[:, 8:])
+    torch.testing.assert_close(second.noise[:, :, :8], first.noise[:, :, 8:])
     cold = Controller(tiny_pusht_policy, method="picard", warm_start=False)
     obs, _ = env.reset(seed=3)
+    plans = []
     for _ in range(9):
-        obs, *_ = env.step(cold.act(obs))
-    assert not torch.allclose(cold.last_noise[0][:, :8], first_noise[0][:, 8:])
-    assert [r.warm for r in cold.records] == [False, False]
+        step = cold.step(obs)
+        plans += [step.plan] if step.plan is not None else []
+        obs, *_ = env.step(step.action)
+    assert not torch.allclose(plans[1].problem.x_T[:, :8], first.x_T[:, 8:])
+    assert [p.record.warm for p in plans] == [False, False]
 
 
 def test_warm_start_needs_fewer_rounds(tiny_pusht_policy, env):
@@ -107,15 +112,15 @@ def test_warm_start_needs_fewer_rounds(tiny_pusht_policy, env):
 def test_deadline_returns_the_best_chunk_flagged_and_can_fall_back(tiny_pusht_policy, env):
     obs, _ = env.reset(seed=5)
     late = Controller(tiny_pusht_policy, method="picard", budget_ms=1e-6, tolerance=0.0)
-    chunk = late.plan(obs)
-    record = late.records[-1]
-    assert chunk.shape == (8, 2) and np.all(np.isfinite(chunk))
-    assert record.deadline_hit and not record.converged and record.rounds == 1
+    plan = late.plan(obs)
+    assert plan.chunk.shape == (8, 2) and np.all(np.isfinite(plan.chunk))
+    assert plan.record.deadline_hit and not plan.record.converged and plan.record.rounds == 1
     rescued = Controller(
         tiny_pusht_policy, method="picard", budget_ms=1e-6, fallback_steps=3, tolerance=0.0
     )
-    rescued.plan(obs)
-    assert rescued.records[-1].fallback and rescued.stats()["fallbacks"] == 1
+    plan = rescued.plan(obs)
+    assert plan.record.fallback and rescued.stats()["fallbacks"] == 1
+    assert plan.record.rounds == 1 + 3  # the stopped round and the fallback's steps
 
 
 def test_stats_report_latency_percentiles_and_rounds(tiny_pusht_policy, env):
@@ -166,7 +171,7 @@ def test_a_refused_observation_changes_nothing(tiny_pusht_policy, env):
         for value, message in bad:
             with pytest.raises(ObservationError, match=message):
                 poisoned.plan(value)
-        np.testing.assert_array_equal(poisoned.plan(step), clean.plan(step))
+        np.testing.assert_array_equal(poisoned.plan(step).chunk, clean.plan(step).chunk)
     assert len(poisoned.records) == len(clean.records) == len(steps)
 
 
@@ -174,7 +179,7 @@ def test_a_failed_plan_leaves_history_and_noise_as_they_were(tiny_pusht_policy, 
     obs, _ = env.reset(seed=6)
     clean = Controller(tiny_pusht_policy, method="picard", seed=4)
     failing = Controller(tiny_pusht_policy, method="picard", seed=4)
-    np.testing.assert_array_equal(failing.plan(obs), clean.plan(obs))
+    np.testing.assert_array_equal(failing.plan(obs).chunk, clean.plan(obs).chunk)
     original = type(failing.policy).decode
 
     def broken(self, x0):
@@ -185,4 +190,4 @@ def test_a_failed_plan_leaves_history_and_noise_as_they_were(tiny_pusht_policy, 
         failing.plan(obs + 1.0)  # noise drawn and history appended, then the plan fails
     monkeypatch.setattr(type(failing.policy), "decode", original)
     obs2, *_ = env.step(np.array([240.0, 260.0]))
-    np.testing.assert_array_equal(failing.plan(obs2), clean.plan(obs2))
+    np.testing.assert_array_equal(failing.plan(obs2).chunk, clean.plan(obs2).chunk)

@@ -92,7 +92,9 @@ def test_actions_over_the_wire_equal_a_local_controller(tiny_pusht_policy, picar
     local = Controller(tiny_pusht_policy, **PICARD)
     with PolicyClient("127.0.0.1", picard_server.port) as client:
         for obs in observations(2, 5):
-            np.testing.assert_array_equal(client.infer({"obs": obs})["actions"], local.plan(obs))
+            np.testing.assert_array_equal(
+                client.infer({"obs": obs})["actions"], local.plan(obs).chunk
+            )
 
 
 def test_a_new_connection_and_the_reset_key_start_a_new_episode(tiny_pusht_policy, picard_server):
@@ -104,20 +106,20 @@ def test_a_new_connection_and_the_reset_key_start_a_new_episode(tiny_pusht_polic
     with PolicyClient("127.0.0.1", picard_server.port) as client:
         first = client.infer({"obs": first_obs})
         assert not first["policy_timing"]["warm"]  # fresh history, fresh noise, cold solve
-        np.testing.assert_array_equal(first["actions"], local.plan(first_obs))
+        np.testing.assert_array_equal(first["actions"], local.plan(first_obs).chunk)
         client.infer({"obs": rest[0]})
         local.plan(rest[0])
 
         assert client.reset() == {"reset": True}
         local.reset()  # the generator continues its stream on both sides
         np.testing.assert_array_equal(
-            client.infer({"obs": rest[1]})["actions"], local.plan(rest[1])
+            client.infer({"obs": rest[1]})["actions"], local.plan(rest[1]).chunk
         )
 
         reply = client.infer({"obs": rest[2], RESET_KEY: True})  # reset, then plan
         local.reset()
         assert reply["reset"] and not reply["policy_timing"]["warm"]
-        np.testing.assert_array_equal(reply["actions"], local.plan(rest[2]))
+        np.testing.assert_array_equal(reply["actions"], local.plan(rest[2]).chunk)
 
 
 # --- robustness -------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def test_malformed_requests_never_disturb_the_episode(tiny_pusht_policy, sequent
             connection.send(pack({"obs": obs}))
             reply = connection.recv(timeout=10)
             assert isinstance(reply, bytes), reply
-            np.testing.assert_array_equal(unpack(reply)["actions"], local.plan(obs))
+            np.testing.assert_array_equal(unpack(reply)["actions"], local.plan(obs).chunk)
             planned += 1
     assert refused >= 1000 and planned == len(good_observations)
     with PolicyClient("127.0.0.1", sequential_server.port) as client:  # still serving
@@ -236,7 +238,7 @@ def test_concurrent_clients_get_independent_streams(tiny_pusht_policy, picard_se
     for seed, stream in streams.items():
         local = Controller(tiny_pusht_policy, **PICARD)
         for actions, obs in zip(replies[seed], stream, strict=True):
-            np.testing.assert_array_equal(actions, local.plan(obs))
+            np.testing.assert_array_equal(actions, local.plan(obs).chunk)
 
 
 def test_healthz_answers_200(picard_server):
@@ -262,7 +264,7 @@ def test_server_refuses_unknown_solver_options(tiny_pusht_policy):
         PolicyServer(tiny_pusht_policy, port=0, method="sequential", tolerance=1e-3)
 
 
-def test_serve_command_passes_its_options(monkeypatch):
+def test_serve_command_builds_one_sampler_config(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(
         server_module, "serve", lambda *args, **kwargs: calls.append((args, kwargs))
@@ -271,10 +273,36 @@ def test_serve_command_passes_its_options(monkeypatch):
     argv += ["--budget-ms", "20", "--tolerance", "1e-3", "--max-message-mb", "1"]
     assert cli.main(argv) == 0
     ((args, kwargs),) = calls
-    assert args == ("ckpt",)
-    assert kwargs["port"] == 0 and kwargs["method"] == "taa" and kwargs["warm_start"] is False
-    assert kwargs["budget_ms"] == 20.0 and kwargs["tolerance"] == 1e-3
+    checkpoint, sampler = args
+    assert checkpoint == "ckpt" and kwargs["port"] == 0 and kwargs["host"] == "127.0.0.1"
+    assert (sampler.method, sampler.warm_start, sampler.budget_ms) == ("taa", False, 20.0)
+    assert sampler.options == {"tolerance": 1e-3}
     assert kwargs["max_message_bytes"] == 1024 * 1024
+    # a sampler config with the flags on top: DDIM-10 run by picard
+    calls.clear()
+    assert cli.main(["serve", "ckpt", "--sampler", "ddim10", "--method", "picard"]) == 0
+    sampler = calls[0][0][1]
+    assert (sampler.scheduler, sampler.num_inference_steps, sampler.method) == (
+        "ddim",
+        10,
+        "picard",
+    )
+    assert cli.main(["serve", "ckpt", "--method", "fast"]) == 2  # refused before serving
+
+
+def test_the_server_plans_with_its_sampler_config(tiny_pusht_policy):
+    from policy_accel.control import SamplerConfig
+
+    sampler = SamplerConfig(method="picard", scheduler="ddim", num_inference_steps=4)
+    with PolicyServer(tiny_pusht_policy, sampler, port=0, seed=2) as server:
+        assert server.metadata["scheduler"] == "DDIMScheduler"
+        assert server.metadata["num_inference_steps"] == 4
+        local = Controller(tiny_pusht_policy, sampler, seed=2)
+        with PolicyClient("127.0.0.1", server.port) as client:
+            for obs in observations(40, 3):
+                reply = client.infer({"obs": obs})
+                np.testing.assert_array_equal(reply["actions"], local.plan(obs).chunk)
+                assert reply["policy_timing"]["rounds"] <= 4
 
 
 # --- wire format ------------------------------------------------------------------------------
@@ -389,7 +417,7 @@ def test_crafted_requests_are_refused_fast_while_healthz_answers(tiny_pusht_poli
                 obs = observations(30, 1)[0]
                 connection.send(pack({"obs": obs}))
                 np.testing.assert_array_equal(
-                    unpack(connection.recv(timeout=30))["actions"], local.plan(obs)
+                    unpack(connection.recv(timeout=30))["actions"], local.plan(obs).chunk
                 )
         finally:
             stop.set()

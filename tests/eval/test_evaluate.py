@@ -32,7 +32,7 @@ def _config(policy, tmp_path, **eval_kwargs):
 
 
 def test_two_episodes_write_eval_info_and_a_video(tiny_pusht_policy, tmp_path):
-    info, directory = evaluate(_config(tiny_pusht_policy, tmp_path, n_videos=1), progress=False)
+    info, directory = evaluate(_config(tiny_pusht_policy, tmp_path, n_videos=1))
     saved = json.loads((directory / "eval_info.json").read_text())
     assert directory.parent.parent == tmp_path  # outputs/eval/<date>/<time>_<name>
     assert {"aggregated", "latency", "per_episode", "runs"} <= set(saved)
@@ -53,9 +53,9 @@ def test_two_episodes_write_eval_info_and_a_video(tiny_pusht_policy, tmp_path):
 
 def test_async_vector_env_gives_the_same_episodes_as_sync(tiny_pusht_policy, tmp_path):
     config = _config(tiny_pusht_policy, tmp_path)
-    sync = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    sync = rollout(config, config.sampler, policy=tiny_pusht_policy)
     config.runtime.vector = "async"
-    spawned = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    spawned = rollout(config, config.sampler, policy=tiny_pusht_policy)
     for a, b in zip(sync["per_episode"], spawned["per_episode"], strict=True):
         assert a["seed"] == b["seed"]
         assert a["sum_reward"] == pytest.approx(b["sum_reward"], abs=1e-6)
@@ -64,14 +64,14 @@ def test_async_vector_env_gives_the_same_episodes_as_sync(tiny_pusht_policy, tmp
 def test_an_episode_sees_the_same_noise_alone_or_in_a_batch(tiny_pusht_policy, tmp_path):
     config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
     config.env.first_seed = 100001
-    alone = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    alone = rollout(config, config.sampler, policy=tiny_pusht_policy)
     config = _config(tiny_pusht_policy, tmp_path)  # seeds 100000 and 100001 together
-    together = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    together = rollout(config, config.sampler, policy=tiny_pusht_policy)
     a, b = alone["per_episode"][0], together["per_episode"][1]
     assert a["seed"] == b["seed"] == 100001
     assert a["sum_reward"] == pytest.approx(b["sum_reward"], abs=1e-6)
     config.eval.noise_seed = 7
-    other = rollout(config, config.sampler, policy=tiny_pusht_policy, progress=False)
+    other = rollout(config, config.sampler, policy=tiny_pusht_policy)
     assert other["per_episode"][1]["sum_reward"] != pytest.approx(b["sum_reward"], abs=1e-9)
 
 
@@ -94,7 +94,7 @@ class FailsOnSeed(EpisodeGuard):
 
 def test_an_env_that_raises_keeps_the_other_episodes(tiny_pusht_policy, tmp_path):
     config = _config(tiny_pusht_policy, tmp_path, n_episodes=3)
-    info, directory = evaluate(config, progress=False, env_factory=FailsOnSeed)
+    info, directory = evaluate(config, env_factory=FailsOnSeed)
     episodes = {e["seed"]: e for e in info["per_episode"]}
     assert set(episodes) == {100000, 100001, 100002}
     assert "simulator exploded" in episodes[100001]["error"]
@@ -106,9 +106,9 @@ def test_an_env_that_raises_keeps_the_other_episodes(tiny_pusht_policy, tmp_path
 def test_compare_mode_reports_paired_success_differences(tiny_pusht_policy, tmp_path):
     config = _config(tiny_pusht_policy, tmp_path)
     config.compare_samplers = [SamplerConfig(method="sequential", warm_start=False, name="seq")]
-    info, _ = evaluate(config, progress=False)
+    info, _ = evaluate(config)
     rows = info["compare"]
-    assert [r["sampler"] for r in rows] == ["picard", "seq"]
+    assert [r["sampler"] for r in rows] == ["picard_warm", "seq"]
     assert rows[1]["success_diff_vs_first"]["n"] == 2
     assert rows[1]["rounds_mean"] == 10  # the tiny policy's 10-step DDPM
 
@@ -127,7 +127,7 @@ class RecordsActions(EpisodeGuard):
 def _executed(config, policy, delay):
     config.runtime.inference_delay_steps = delay
     RecordsActions.actions = []
-    rollout(config, config.sampler, policy=policy, env_factory=RecordsActions, progress=False)
+    rollout(config, config.sampler, policy=policy, env_factory=RecordsActions)
     return np.array(RecordsActions.actions)
 
 
@@ -190,7 +190,7 @@ def test_evals_started_in_the_same_second_get_their_own_directories(tiny_pusht_p
 def test_eval_info_is_strict_json_when_a_statistic_is_undefined(tiny_pusht_policy, tmp_path):
     config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
     config.compare_samplers = [SamplerConfig(method="sequential", warm_start=False, name="seq")]
-    _, directory = evaluate(config, progress=False)
+    _, directory = evaluate(config)
     text = (directory / "eval_info.json").read_text()
 
     def refuse(constant):

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from policy_accel import sample
 from policy_accel.execution import (
     DeviceExecutionError,
+    ExecutorConfig,
     LocalExecutor,
     MultiDeviceExecutor,
     make_executor,
@@ -116,10 +117,12 @@ def test_executor_configuration_and_records():
     with pytest.raises(ValueError, match="cuda_graphs=True needs device='cuda"):
         LocalExecutor(cuda_graphs=True)
     before = torch.get_num_threads()
-    try:
-        assert LocalExecutor(num_threads=1).describe()["torch_threads"] == 1
-    finally:
-        torch.set_num_threads(before)
+    LocalExecutor(device="cpu")
+    assert torch.get_num_threads() == before  # thread settings belong to the entry points
+    assert LocalExecutor().describe()["torch_threads"] == before
+    assert isinstance(ExecutorConfig(devices=["cpu", "cpu"]).build(), MultiDeviceExecutor)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ExecutorConfig(dtype="float8")
 
 
 def _distributed_worker(rank: int, world: int, port: int, out_path: str) -> None:

@@ -130,9 +130,7 @@ def test_converted_files_with_a_wrong_shape_or_truncation_are_named(tmp_path):
         load_policy(destination)
     del tensors["model.final_conv.1.bias"]
     save_file(tensors, str(weights))
-    with pytest.raises(
-        CheckpointContentError, match=r"missing keys \['model.final_conv.1.bias'\]"
-    ):
+    with pytest.raises(CheckpointContentError, match=r"missing keys \['model.final_conv.1.bias'\]"):
         load_policy(destination)
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(

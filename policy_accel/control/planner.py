@@ -1,0 +1,242 @@
+"""The one planning core: B rows in, one batched solve, a :class:`Plan` out.
+
+Every controller plans through :class:`Planner`: the :class:`~policy_accel.control.Controller`
+(one row and a queue), the :class:`~policy_accel.control.BatchController` (one row per env, what
+``eval`` uses), the :class:`~policy_accel.control.AsyncController` and the server. A row is one
+robot's sampling state (:class:`RowState`): its noise generator and its last replan.
+
+Warm start. A row replanned ``k`` executed actions after its previous replan takes that replan's
+noise shifted ``k`` entries along the policy's horizon axis, with fresh noise for the new tail
+(:meth:`~policy_accel.sampling.warm_start.WarmStart.shifted_noise`), and starts the solver from
+its previous solution shifted the same way
+(:func:`~policy_accel.sampling.warm_start.warm_start_guess`). The solver still converges to the
+exact sample of the new observation for that noise, so each chunk is an exact sample of the
+policy (marginally exact); consecutive chunks share noise on their overlap, which keeps them
+coherent. This holds for every kind of policy, because the policy says what it samples
+(``event_shape``, ``horizon_axis``): the shift moves the action and inpainted observation
+channels alike, and a ``pred_action_steps_only`` sample (``n_action_steps`` long) is warm only
+while fewer actions than its length were executed. A row starts cold after a reset, when
+``warm_start`` is off, or when nothing of its previous sample is left to shift.
+
+Deadlines. With ``budget_ms`` no solver round starts after the budget: the solver's current
+iterate (the best chunk available) comes back flagged ``deadline_hit``, so a plan overruns by at
+most the round in flight; with ``fallback_steps`` it is replaced by a sequential
+``fallback_scheduler`` (DDIM) sample at that many steps from the same initial noise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from policy_accel.control.config import SamplerConfig
+from policy_accel.control.records import PlanRecord
+from policy_accel.policies.base import Policy
+from policy_accel.sampling import sample
+from policy_accel.sampling.problem import DenoisingProblem
+from policy_accel.sampling.result import SampleResult
+from policy_accel.sampling.schedulers import scheduler_like
+from policy_accel.sampling.warm_start import WarmStart, warm_start_guess
+
+DETERMINISTIC_FALLBACKS = ("ddim", "dpm_solver")
+
+
+@dataclass
+class RowState:
+    """One row's sampling state: its noise stream and what its next replan starts from."""
+
+    generator: torch.Generator
+    warm: WarmStart | None = None
+
+    @classmethod
+    def seeded(cls, seed: int) -> RowState:
+        return cls(torch.Generator().manual_seed(int(seed)))
+
+    def forget(self) -> None:
+        """The next replan starts cold (a new episode); the noise stream goes on."""
+        self.warm = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one planning call did.
+
+    Attributes:
+        actions: ``[B, n_action_steps, Da]`` the chunk each row executes (environment units).
+        future: ``[B, T, Da]`` the predicted actions from the first executed one on (the chunk
+            and what follows it in the sample, e.g. to hold while the next replan runs).
+        records: one :class:`PlanRecord` per row.
+        result: the solver's :class:`~policy_accel.sampling.SampleResult`.
+        problem: the problem that was solved (its noise is the rows' noise).
+        observations: the stacked histories it was planned from (``{key: [B, n_obs_steps,
+            ...]}``), to replay or re-solve the same replan.
+    """
+
+    actions: np.ndarray
+    future: np.ndarray
+    records: tuple[PlanRecord, ...]
+    result: SampleResult
+    problem: DenoisingProblem = field(repr=False)
+    observations: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    @property
+    def chunk(self) -> np.ndarray:
+        """The first row's chunk (a one-row plan's)."""
+        return self.actions[0]
+
+    @property
+    def record(self) -> PlanRecord:
+        """The first row's record (a one-row plan's)."""
+        return self.records[0]
+
+
+class Planner:
+    """Plans B rows of one policy with one sampler configuration.
+
+    Args:
+        policy: the loaded policy.
+        sampler: how to sample (:class:`~policy_accel.control.config.SamplerConfig`).
+        n_action_steps: actions executed per plan (default: the policy's; at most its chunk).
+        executor: where the denoiser runs (default: ``sampler.executor``, else the policy's
+            device).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        sampler: SamplerConfig | None = None,
+        n_action_steps: int | None = None,
+        executor=None,
+    ) -> None:
+        self.policy = policy
+        self.sampler = sampler if sampler is not None else SamplerConfig()
+        chunk = policy.n_action_steps
+        n_action_steps = chunk if n_action_steps is None else n_action_steps
+        if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int):
+            raise ValueError(f"n_action_steps must be an int. Got {n_action_steps!r}.")
+        if not 1 <= n_action_steps <= chunk:
+            raise ValueError(
+                f"n_action_steps={n_action_steps} must be between 1 and the policy's chunk of "
+                f"{chunk} actions."
+            )
+        self.n_action_steps = n_action_steps
+        self.scheduler = scheduler_like(policy.scheduler, self.sampler.scheduler)
+        self.num_steps = self.sampler.num_inference_steps or policy.num_inference_steps
+        self.fallback_scheduler = None
+        if self.sampler.fallback_steps is not None:
+            if self.sampler.fallback_scheduler not in DETERMINISTIC_FALLBACKS:
+                raise ValueError(
+                    f"fallback_scheduler must be one of {list(DETERMINISTIC_FALLBACKS)} (a "
+                    f"deterministic sampler). Got {self.sampler.fallback_scheduler!r}."
+                )
+            self.fallback_scheduler = scheduler_like(
+                policy.scheduler, self.sampler.fallback_scheduler
+            )
+        if executor is None and not self.sampler.executor.is_default:
+            executor = self.sampler.executor.build()
+        self.executor = executor
+        self.length = policy.event_shape[policy.horizon_axis]
+
+    def rows(self, seeds: Sequence[int]) -> list[RowState]:
+        return [RowState.seeded(seed) for seed in seeds]
+
+    def can_warm(self, row: RowState, shift: int) -> bool:
+        """Whether ``row``'s next replan, ``shift`` executed actions later, starts warm."""
+        return (
+            self.sampler.warm_start
+            and row.warm is not None
+            and row.warm.num_steps == self.num_steps
+            and 0 <= shift < self.length
+        )
+
+    def plan(
+        self, obs: dict[str, np.ndarray], rows: Sequence[RowState], shifts: int | Sequence[int]
+    ) -> Plan:
+        """One batched replan of ``rows`` from their stacked histories ``obs`` (``{key: [B,
+        n_obs_steps, ...]}``), each ``shifts[r]`` executed actions after its previous replan.
+        Updates each row's state; a plan that raises leaves the rows' warm starts as they were
+        (their generators may have advanced: callers that must be exact restore them)."""
+        start = time.perf_counter()
+        rows = list(rows)
+        shifts = [int(shifts)] * len(rows) if isinstance(shifts, (int, np.integer)) else shifts
+        if len(shifts) != len(rows):
+            raise ValueError(f"{len(shifts)} shifts for {len(rows)} rows.")
+        warm = [self.can_warm(row, shift) for row, shift in zip(rows, shifts, strict=True)]
+        draws = [
+            row.warm.shifted_noise(shift, self.policy.horizon_axis, row.generator)
+            if is_warm
+            else self.policy.draw_noise(row.generator, 1, self.num_steps)
+            for row, shift, is_warm in zip(rows, shifts, warm, strict=True)
+        ]
+        device = self.policy.device
+        problem = self.policy.problem(
+            obs,
+            x_T=torch.cat([d[0] for d in draws]).to(device),
+            noise=torch.cat([d[1] for d in draws], dim=1).to(device),
+            scheduler=self.scheduler,
+            num_inference_steps=self.num_steps,
+        )
+        init = None
+        if any(warm):
+            previous = [row.warm if w else None for row, w in zip(rows, warm, strict=True)]
+            init = warm_start_guess(
+                problem, previous, shifts, self.policy.horizon_axis, self.sampler.warm_space
+            )
+        budget = self.sampler.budget_ms
+        deadline = None if budget is None else start + budget / 1e3
+        result = sample(
+            problem,
+            self.sampler.method,
+            init=init,
+            executor=self.executor,
+            **self.sampler.solver_options(deadline),
+        )
+        deadline_hit = bool(result.stats.get("deadline_hit", False))
+        fallback = deadline_hit and self.fallback_scheduler is not None
+        x0 = self._fallback(obs, problem) if fallback else result.sample
+        decoded = self.policy.decode(x0)
+        actions = decoded["action"][:, : self.n_action_steps].cpu().numpy()
+        future = decoded["action_pred"][:, self.policy.action_start :].cpu().numpy()
+        if not np.all(np.isfinite(future)):
+            raise FloatingPointError(
+                f"the policy produced non-finite actions ({self.sampler.method}, "
+                f"converged={result.converged}); check the observation and the checkpoint."
+            )
+        for row, state in zip(rows, WarmStart.rows(problem, result), strict=True):
+            row.warm = state
+        latency_ms = (time.perf_counter() - start) * 1e3
+        extra = self.sampler.fallback_steps if fallback else 0
+        records = tuple(
+            PlanRecord(
+                latency_ms=latency_ms,
+                rounds=int(result.rounds) + extra,
+                model_evals=result.model_evals / len(rows) + extra,
+                converged=bool(result.converged),
+                warm=bool(is_warm),
+                method=self.sampler.method,
+                deadline_hit=deadline_hit,
+                fallback=fallback,
+                shift=shift if is_warm else 0,
+            )
+            for shift, is_warm in zip(shifts, warm, strict=True)
+        )
+        return Plan(actions, future, records, result, problem, obs)
+
+    def _fallback(self, obs: dict, problem: DenoisingProblem) -> torch.Tensor:
+        fallback = self.policy.problem(
+            obs,
+            x_T=problem.x_T,
+            scheduler=self.fallback_scheduler,
+            num_inference_steps=self.sampler.fallback_steps,
+        )
+        return sample(fallback, "sequential", executor=self.executor).sample
+
+    def reference(self, plan: Plan) -> np.ndarray:
+        """The sequential sampler's chunks for ``plan``'s problem (its rows' observations and
+        noise): the exact samples the plan converges to, which benchmarks compare against."""
+        x0 = sample(plan.problem, "sequential", executor=self.executor).sample
+        return self.policy.decode(x0)["action"][:, : self.n_action_steps].cpu().numpy()
