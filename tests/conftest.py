@@ -43,3 +43,16 @@ def tiny_pusht_policy(tmp_path_factory):
         num_train_timesteps=10,
     )
     return load_policy(train(config, log=lambda _: None).policy_dir)
+
+
+@pytest.fixture(scope="session", params=["global", "local", "inpainting",
+                                         "pred_action_steps_only", "transformer", "image",
+                                         "lerobot"])  # fmt: skip
+def kind_policy(request):
+    """``(kind, policy)`` for every kind of policy the loaders accept (tests/policy_kinds.py)."""
+    from tests.policy_kinds import DP, LEROBOT, make_policy
+    from tests.shared_fixtures import require
+
+    require(DP)
+    require(LEROBOT)
+    return request.param, make_policy(request.param)

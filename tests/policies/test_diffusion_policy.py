@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler
 from policy_accel import load_policy
 from policy_accel.policies.diffusion_policy import DiffusionPolicyLowdim
 from policy_accel.sampling.problem import noise_from_draws
+from tests.policy_kinds import fresh_lowdim_state
 from tests.shared_fixtures import FIXTURES as SHARED
 from tests.shared_fixtures import require
 
@@ -179,7 +180,7 @@ def test_inpainting_and_local_conditioning_build_and_sample():
     }
     with pytest.raises(ValueError, match="does not match"):
         DiffusionPolicyLowdim(cfg, state, "test")
-    policy = DiffusionPolicyLowdim(cfg, _reinit(cfg, state), "test")
+    policy = DiffusionPolicyLowdim(cfg, fresh_lowdim_state(cfg, state), "test")
     problem = policy.problem(obs, generator=torch.Generator().manual_seed(0), num_inference_steps=5)
     assert problem.x_T.shape == (3, 16, 22) and bool(problem.mask[:, :2, 2:].all())
     out = policy.predict_action(
@@ -196,25 +197,11 @@ def test_inpainting_and_local_conditioning_build_and_sample():
         "obs_as_local_cond": True,
         "model": {**base["model"], "global_cond_dim": None, "local_cond_dim": 20},
     }
-    policy = DiffusionPolicyLowdim(cfg, _reinit(cfg, state), "test")
+    policy = DiffusionPolicyLowdim(cfg, fresh_lowdim_state(cfg, state), "test")
     assert "model.local_cond_encoder.1.blocks.0.block.0.weight" in policy.modules.state_dict()
     assert policy.predict_action(
         obs, num_inference_steps=3, generator=torch.Generator().manual_seed(0)
     )["action"].shape == (3, 8, 2)
-
-
-def _reinit(cfg, state):
-    """A state dict for ``cfg`` with fresh network weights and the fixture's normalizer."""
-    from policy_accel.policies.diffusion_policy import _Modules
-    from policy_accel.policies.networks.unet1d import ConditionalUnet1D
-    from policy_accel.policies.normalizer import LinearNormalizer
-
-    torch.manual_seed(0)
-    model_cfg = {k: v for k, v in cfg["model"].items() if k != "_target_"}
-    modules = _Modules(ConditionalUnet1D(**model_cfg), LinearNormalizer({"obs": 20, "action": 2}))
-    fresh = modules.state_dict()
-    fresh.update({k: v for k, v in state.items() if k.startswith("normalizer.")})
-    return fresh
 
 
 def test_pred_action_steps_only_and_sample_prediction():

@@ -16,7 +16,7 @@ from torch import nn
 
 from policy_accel.policies.base import ObservationError
 from policy_accel.policies.diffusion_policy import CheckpointContentError
-from policy_accel.policies.diffusion_policy_image import DiffusionPolicyImage, build_obs_encoder
+from policy_accel.policies.diffusion_policy_image import DiffusionPolicyImage
 from policy_accel.policies.networks import lerobot_rgb_encoder, robomimic_encoder
 from policy_accel.policies.networks.lerobot_rgb_encoder import DiffusionRgbEncoder
 from policy_accel.policies.networks.multi_image_encoder import MultiImageObsEncoder
@@ -28,8 +28,7 @@ from policy_accel.policies.networks.resnet import (
     trunk_output_shape,
 )
 from policy_accel.policies.networks.robomimic_encoder import RobomimicObsEncoder
-from policy_accel.policies.networks.unet1d import ConditionalUnet1D
-from policy_accel.policies.normalizer import LinearNormalizer
+from tests.policy_kinds import hybrid_cfg, image_cfg, random_state
 
 # torchvision.models.resnet18().state_dict() parameter keys without fc, BatchNorm running stats
 # left out (they are the keys after DiffusionPolicy's / LeRobot's GroupNorm swap).
@@ -254,94 +253,6 @@ def test_lerobot_rgb_encoder_from_config_applies_resize_and_crop_ratio():
 
 
 # --- DiffusionPolicyImage ----------------------------------------------------------------------
-
-SCHEDULER = {
-    "_target_": "diffusers.schedulers.scheduling_ddpm.DDPMScheduler",
-    "num_train_timesteps": 100,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "squaredcos_cap_v2",
-    "variance_type": "fixed_small",
-    "clip_sample": True,
-    "prediction_type": "epsilon",
-}
-SHAPE_META = {
-    "obs": {
-        "image": {"shape": [3, 40, 40], "type": "rgb"},
-        "agent_pos": {"shape": [2], "type": "low_dim"},
-    },
-    "action": {"shape": [2]},
-}
-SMALL_UNET = dict(diffusion_step_embed_dim=16, down_dims=[16, 32], kernel_size=3, n_groups=4)
-
-
-def hybrid_cfg(**overrides) -> dict:
-    cfg = {
-        "_target_": "diffusion_policy.policy.diffusion_unet_hybrid_image_policy."
-        "DiffusionUnetHybridImagePolicy",
-        "shape_meta": SHAPE_META,
-        "noise_scheduler": SCHEDULER,
-        "horizon": 8,
-        "n_action_steps": 4,
-        "n_obs_steps": 2,
-        "num_inference_steps": 100,
-        "obs_as_global_cond": True,
-        "crop_shape": [32, 32],
-        "cond_predict_scale": True,
-        "obs_encoder_group_norm": True,
-        "eval_fixed_crop": True,
-        **SMALL_UNET,
-    }
-    return {**cfg, **overrides}
-
-
-def image_cfg(**overrides) -> dict:
-    cfg = hybrid_cfg()
-    for key in ("crop_shape", "obs_encoder_group_norm", "eval_fixed_crop"):
-        del cfg[key]
-    cfg["_target_"] = "diffusion_policy.policy.diffusion_unet_image_policy.DiffusionUnetImagePolicy"
-    cfg["obs_encoder"] = {
-        "_target_": "diffusion_policy.model.vision.multi_image_obs_encoder.MultiImageObsEncoder",
-        "shape_meta": SHAPE_META,
-        "rgb_model": {
-            "_target_": "diffusion_policy.model.vision.model_getter.get_resnet",
-            "name": "resnet18",
-            "weights": None,
-        },
-        "resize_shape": None,
-        "crop_shape": [32, 32],
-        "random_crop": True,
-        "use_group_norm": True,
-        "share_rgb_model": False,
-        "imagenet_norm": True,
-    }
-    return {**cfg, **overrides}
-
-
-def random_state(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict laid out like upstream's ``policy.state_dict()`` with random weights, a
-    DiffusionPolicy image range normalizer (scale 2, offset -1) and ModuleAttrMixin's keys."""
-    torch.manual_seed(seed)
-    kind = cfg["_target_"].rsplit(".", 1)[-1]
-    encoder, _ = build_obs_encoder(kind, cfg, "test")
-    features = encoder.output_dim
-    unet = {k: cfg[k] for k in (*SMALL_UNET, "cond_predict_scale")}
-    if cfg["obs_as_global_cond"]:
-        model = ConditionalUnet1D(2, global_cond_dim=features * cfg["n_obs_steps"], **unet)
-    else:
-        model = ConditionalUnet1D(2 + features, **unet)
-    holder = nn.Module()
-    holder.obs_encoder, holder.model = encoder, model
-    holder.normalizer = LinearNormalizer({"image": 1, "agent_pos": 2, "action": 2})
-    state = dict(holder.state_dict())
-    state["normalizer.params_dict.image.scale"] = torch.tensor([2.0])
-    state["normalizer.params_dict.image.offset"] = torch.tensor([-1.0])
-    state["normalizer.params_dict.agent_pos.scale"] = torch.tensor([0.01, 0.02])
-    state["normalizer.params_dict.action.scale"] = torch.tensor([0.01, 0.02])
-    state["normalizer.params_dict.action.offset"] = torch.tensor([-1.0, 0.5])
-    state["_dummy_variable"] = torch.empty(0)
-    state["mask_generator._dummy_variable"] = torch.empty(0)
-    return state
 
 
 def observation(batch: int = 2, steps: int = 3, seed: int = 1) -> dict[str, np.ndarray]:

@@ -1,0 +1,140 @@
+"""Every kind of policy through every layer that plans: the Controller, the BatchController, the
+AsyncController, the server and eval, warm and cold, each chunk exact to its sequential sample.
+
+The kinds (tests/policy_kinds.py): DiffusionPolicy's UNet with global, local and inpainting
+conditioning and with pred_action_steps_only, its transformer, its hybrid image policy, and
+LeRobot's DiffusionPolicy. A pred_action_steps_only sample is only n_action_steps long, so it
+executes half of it per plan here (otherwise nothing is left to warm-start from)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from policy_accel.control import (
+    AsyncController,
+    BatchController,
+    Controller,
+    PolicyClient,
+    PolicyServer,
+    SamplerConfig,
+)
+from policy_accel.control.batch import row_seed
+from policy_accel.control.wire import pack, unpack  # noqa: F401  (the client packs)
+from policy_accel.eval.config import EnvConfig, EvalConfig, EvalSettings, RuntimeConfig
+from policy_accel.eval.evaluate import rollout
+from policy_accel.eval.guard import EpisodeGuard
+from tests.policy_kinds import ObservationWalk, steps_of
+
+EXACT = SamplerConfig(method="picard", options={"tolerance": 1e-6}, num_inference_steps=8)
+
+
+def executed(policy) -> int:
+    if getattr(policy, "pred_action_steps_only", False):
+        return policy.n_action_steps // 2
+    return policy.n_action_steps
+
+
+def normalized(policy, actions) -> np.ndarray:
+    return policy.normalize_action(torch.as_tensor(np.asarray(actions))).cpu().numpy()
+
+
+def assert_exact(policy, plan, reference) -> None:
+    """The plan's chunk equals the sequential sample of its own problem (normalized units)."""
+    error = np.abs(normalized(policy, plan.actions) - normalized(policy, reference)).max()
+    assert error <= 1e-3, error
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_controller_drives_every_kind(kind_policy, warm):
+    kind, policy = kind_policy
+    n = executed(policy)
+    controller = Controller(policy, EXACT, n_action_steps=n, warm_start=warm, seed=1)
+    plans = []
+    for obs in steps_of(policy, seed=2, count=3 * n + 1):
+        step = controller.step(obs)
+        assert step.action.shape == (policy.action_dim,) and np.all(np.isfinite(step.action))
+        if step.plan is not None:
+            plans.append(step.plan)
+            assert step.plan.chunk.shape == (n, policy.action_dim)
+            assert_exact(policy, step.plan, controller.planner.reference(step.plan))
+    assert [p.record.warm for p in plans] == [False] + [warm] * 3, kind
+    assert [p.record.shift for p in plans] == [0] + [n if warm else 0] * 3
+
+
+def test_a_batch_controller_row_is_a_controller(kind_policy):
+    kind, policy = kind_policy
+    n, seeds = executed(policy), [3, 4]
+    batch = BatchController(policy, seeds, EXACT, n_action_steps=n)
+    singles = [Controller(policy, EXACT, n_action_steps=n, seed=row_seed(0, s)) for s in seeds]
+    streams = [steps_of(policy, seed=10 + r, count=2 * n + 1) for r in range(len(seeds))]
+    stacked = [
+        {k: np.stack([s[t][k] for s in streams]) for k in streams[0][t]} for t in range(2 * n + 1)
+    ]
+    batch.start_rows(stacked[0], np.ones(2, dtype=bool))
+    for t in range(2 * n + 1):
+        if t:
+            batch.observe(stacked[t])
+        steps = [c.step(stream[t]) for c, stream in zip(singles, streams, strict=True)]
+        if t % n:
+            assert all(step.plan is None for step in steps)
+            continue
+        plan = batch.plan(np.array([t == 0] * 2), n if t else 0)
+        for r, step in enumerate(steps):
+            torch.testing.assert_close(plan.problem.x_T[r], step.plan.problem.x_T[0])
+            torch.testing.assert_close(plan.problem.noise[:, r], step.plan.problem.noise[:, 0])
+            error = np.abs(
+                normalized(policy, plan.actions[r]) - normalized(policy, step.plan.chunk)
+            )
+            assert error.max() <= 1e-3, kind
+            assert plan.records[r].warm == step.plan.record.warm == (t > 0)
+
+
+def test_the_async_controller_drives_every_kind(kind_policy):
+    kind, policy = kind_policy
+    n = executed(policy)
+    runtime = AsyncController(Controller(policy, EXACT, n_action_steps=n, seed=5))
+    stats = runtime.run(ObservationWalk(policy, length=3 * n), hz=10.0, seed=6, realtime=False)
+    assert stats.steps == 3 * n and stats.plans >= 3 and stats.starved == 0
+    assert not stats.records[0].warm and all(r.warm for r in stats.records[1:]), kind
+    assert all(0 < r.shift < n + 1 for r in stats.records[1:])
+
+
+def test_the_server_drives_every_kind(kind_policy):
+    kind, policy = kind_policy
+    n = executed(policy)
+    with PolicyServer(policy, EXACT, port=0, n_action_steps=n, seed=7) as server:
+        local = Controller(policy, EXACT, n_action_steps=n, seed=7)
+        with PolicyClient("127.0.0.1", server.port, max_message_bytes=2**24) as client:
+            assert server.metadata["observation_spec"] == {
+                k: list(v) for k, v in policy.observation_spec.items()
+            }
+            for index, obs in enumerate(steps_of(policy, seed=8, count=3)):
+                request = {key: np.asarray(value, np.float32) for key, value in obs.items()}
+                reply = client.infer(request)
+                np.testing.assert_array_equal(reply["actions"], local.plan(obs).chunk)
+                assert reply["policy_timing"]["warm"] == (index > 0)
+
+
+def test_eval_drives_every_kind(kind_policy, tmp_path):
+    kind, policy = kind_policy
+    length = 2 * policy.n_action_steps + 1
+    config = EvalConfig(
+        env=EnvConfig(max_episode_steps=None),
+        runtime=RuntimeConfig(vector="sync"),
+        eval=EvalSettings(n_episodes=2, batch_size=2, output_dir=str(tmp_path)),
+    )
+    run = rollout(
+        config,
+        EXACT,
+        policy=policy,
+        env_factory=lambda: EpisodeGuard(lambda: ObservationWalk(policy, length=length)),
+    )
+    episodes = run["per_episode"]
+    assert [e["steps"] for e in episodes] == [length, length], kind
+    assert all(e["replans"] == 3 and "error" not in e for e in episodes)
+    warm = run["latency"]["warm_fraction"]
+    assert warm == (
+        0.0 if getattr(policy, "pred_action_steps_only", False) else pytest.approx(2 / 3)
+    )
