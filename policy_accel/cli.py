@@ -249,7 +249,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.budget_ms is not None:
         overrides.append(f"bench.budget_ms={args.budget_ms}")
     values = _compose("bench", overrides, args.config_dir)
-    sweep = SweepConfig(**values["bench"])
+    named = _sampler_configs(args.config_dir)
+    bench = dict(values["bench"])
+    unknown = [name for name in bench.get("samplers") or [] if name not in named]
+    if unknown:
+        raise ValueError(f"bench.samplers names {unknown}; known: {sorted(named)}")
+    bench["samplers"] = [{**named[name], "name": name} for name in bench.get("samplers") or []]
+    sweep = SweepConfig(**bench)
     env = values["env"]
     env_kwargs = dict(env.get("kwargs") or {})
     if env.get("max_episode_steps") is not None:

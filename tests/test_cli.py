@@ -58,6 +58,7 @@ def test_bench_command_sweeps_chooses_for_a_budget_and_writes_a_sampler_config(
         "bench.tolerances=[null,0.01]",
         "bench.replans=3",
         "bench.warmup=1",
+        "bench.samplers=[ddim10]",
         f"bench.output_dir={out}",
         "--budget-ms",
         "100000",
@@ -67,8 +68,12 @@ def test_bench_command_sweeps_chooses_for_a_budget_and_writes_a_sampler_config(
     assert main(args) == 0
     report = json.loads((out / "budget.json").read_text())
     labels = [r["label"] for r in report["rows"]]
-    assert labels[0] == "sequential cold" and len(labels) == 5
-    assert (out / "budget.csv").read_text().count("\n") == 6
+    assert labels[0] == "sequential cold" and len(labels) == 6 and labels[-1] == "ddim10"
+    ddim = report["rows"][-1]
+    assert ddim["rounds_mean"] == 10 and ddim["max_action_error"] is None  # not the same sample
+    best = report["choice"]["most_accurate_within_budget"]["label"]
+    assert best != "ddim10"
+    assert (out / "budget.csv").read_text().count("\n") == 7
     assert len(list(out.glob("*.png"))) == 3
     written = config_dir / "sampler" / "budget_100000ms.yaml"
     assert written.is_file() and "method:" in written.read_text()

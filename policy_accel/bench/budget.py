@@ -52,6 +52,10 @@ class SweepConfig:
     exact_action_error: float = 1e-2
     output_dir: str = "benchmarks/results"
     name: str = "budget"
+    # named sampler configs run beside the grid (e.g. configs/sampler/ddim10.yaml): samplers
+    # with another scheduler or step count than the checkpoint's are compared on latency and
+    # rounds only (they do not target the same sample; compare their task reward with eval)
+    samplers: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +107,17 @@ def configurations(config: SweepConfig) -> list[dict]:
                 "devices": list(devices),
             }
         )
+    for values, devices in itertools.product(config.samplers, config.devices):
+        sampler = SamplerConfig.from_dict(values)
+        rows.append(
+            {
+                "method": sampler.method,
+                "warm_start": sampler.warm_start,
+                "options": dict(sampler.options),
+                "devices": list(devices),
+                "sampler": sampler,
+            }
+        )
     return rows
 
 
@@ -111,10 +126,13 @@ def replay(policy: Policy, recording: Recording, setting: dict, warmup: int, see
     executor = (
         make_executor(device=devices[0]) if len(devices) == 1 else make_executor(devices=devices)
     )
-    sampler = SamplerConfig(
+    sampler = setting.get("sampler") or SamplerConfig(
         method=setting["method"], warm_start=setting["warm_start"], options=setting["options"]
     )
     controller = Controller(policy, sampler, seed=seed, executor=executor)
+    same_sample = controller.planner.scheduler is policy.scheduler and (
+        controller.planner.num_steps == policy.num_inference_steps
+    )
     errors, records = [], []
     for index, history in enumerate(recording.histories):
         plan = controller.replan(history=history, executed=recording.executed if index else 0)
@@ -122,17 +140,25 @@ def replay(policy: Policy, recording: Recording, setting: dict, warmup: int, see
         records.append(plan.record)
     records = records[warmup:] or records
     stats = latency_stats(records)
+    row = {k: v for k, v in setting.items() if k != "sampler"}
     return {
-        **setting,
+        **row,
         "label": label(setting),
+        "sampler": sampler.to_dict(),
         "replans": len(records),
         **{key: stats[key] for key in STATS},
         "latency_ms": [r.latency_ms for r in records],
-        "max_action_error": max(errors),
+        # another scheduler or step count does not target the checkpoint's sample: no error
+        "max_action_error": max(errors) if same_sample else None,
     }
 
 
 def label(setting: dict) -> str:
+    if setting.get("sampler") is not None:
+        parts = [setting["sampler"].label]
+        if setting["devices"] != ["cpu"]:
+            parts.append("+".join(setting["devices"]))
+        return " ".join(parts)
     parts = [setting["method"], "warm" if setting["warm_start"] else "cold"]
     parts += [f"{k}={v}" for k, v in sorted(setting["options"].items())]
     if setting["devices"] != ["cpu"]:
@@ -142,10 +168,13 @@ def label(setting: dict) -> str:
 
 def choose(rows: list[dict], budget_ms: float, exact_error: float) -> dict[str, Any]:
     """The most accurate configuration within the budget (p99) and the fastest exact one."""
-    fitting = [r for r in rows if r["latency_ms_p99"] <= budget_ms]
+    comparable = [r for r in rows if r["max_action_error"] is not None]
+    fitting = [r for r in comparable if r["latency_ms_p99"] <= budget_ms]
     best = min(fitting, key=lambda r: (r["max_action_error"], r["latency_ms_p99"]), default=None)
     exact = [
-        r for r in rows if r["converged_fraction"] == 1.0 and r["max_action_error"] <= exact_error
+        r
+        for r in comparable
+        if r["converged_fraction"] == 1.0 and r["max_action_error"] <= exact_error
     ]
     fastest = min(exact, key=lambda r: r["latency_ms_p50"], default=None)
     return {"budget_ms": budget_ms, "most_accurate_within_budget": best, "fastest_exact": fastest}
@@ -183,8 +212,9 @@ def plots(rows: list[dict], directory: Path, name: str) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    errors = np.array([max(r["max_action_error"], 1e-8) for r in rows])
-    p99 = np.array([r["latency_ms_p99"] for r in rows])
+    comparable = [r for r in rows if r["max_action_error"] is not None]
+    errors = np.array([max(r["max_action_error"], 1e-8) for r in comparable])
+    p99 = np.array([r["latency_ms_p99"] for r in comparable])
     ax.scatter(p99, errors, c="grey")
     order = np.argsort(p99)
     front, best = [], np.inf
@@ -194,7 +224,7 @@ def plots(rows: list[dict], directory: Path, name: str) -> list[Path]:
             best = errors[i]
     ax.plot(p99[front], errors[front], "o-", color="C3", label="Pareto front")
     for i in front:
-        ax.annotate(rows[i]["label"], (p99[i], errors[i]), fontsize=6)
+        ax.annotate(comparable[i]["label"], (p99[i], errors[i]), fontsize=6)
     ax.set_yscale("log")
     ax.set_xlabel("latency p99 (ms)")
     ax.set_ylabel("max action error vs sequential")
@@ -227,7 +257,11 @@ def format_table(rows: list[dict]) -> str:
             f"{r['label']:<36} {r['latency_ms_p50']:8.1f} {r['latency_ms_p99']:8.1f} "
             f"{r.get('speedup_p50', float('nan')):6.2f} {r['rounds_mean']:7.1f} "
             f"{r['model_evals_mean']:7.0f} {r['converged_fraction']:5.2f} "
-            f"{r['max_action_error']:9.2e}"
+            + (
+                f"{r['max_action_error']:9.2e}"
+                if r["max_action_error"] is not None
+                else "    other"
+            )
         )
     return "\n".join(lines)
 
@@ -254,7 +288,7 @@ def run_sweep(
         rows.append(row)
         log(
             f"{row['label']:<36} p50 {row['latency_ms_p50']:8.1f} ms  rounds "
-            f"{row['rounds_mean']:5.1f}  err {row['max_action_error']:.1e}  "
+            f"{row['rounds_mean']:5.1f}  err {row['max_action_error'] or float('nan'):.1e}  "
             f"({time.perf_counter() - start:.0f} s)"
         )
     for row in rows:
@@ -287,7 +321,7 @@ def run_sweep(
     report["plots"] = [str(p) for p in plots(rows, directory, config.name)]
     write_json(directory / f"{config.name}.json", report)
     with open(directory / f"{config.name}.csv", "w", newline="") as handle:
-        fields = [k for k in rows[0] if k not in ("latency_ms", "options", "devices")]
+        fields = [k for k in rows[0] if k not in ("latency_ms", "options", "devices", "sampler")]
         writer = csv.DictWriter(handle, fieldnames=["label", *[f for f in fields if f != "label"]])
         writer.writeheader()
         for row in rows:
