@@ -22,8 +22,15 @@ from policy_accel.sampling.problem import DenoisingProblem
 class StepMap:
     """Evaluates ``F`` at chosen positions; one call is one round."""
 
-    def __init__(self, problem: DenoisingProblem, executor: Executor) -> None:
+    def __init__(
+        self, problem: DenoisingProblem, executor: Executor, defer_finite_check: bool = False
+    ) -> None:
+        """``defer_finite_check``: do not synchronise with the device to check every output;
+        the caller (the window driver, whose convergence test reads every round's change
+        anyway) calls :meth:`check_finite` when that change is not finite."""
         self.problem = problem
+        self.defer_finite_check = defer_finite_check
+        self._last: tuple[Tensor, Tensor] | None = None
         self.executor = executor
         self.rule = problem.rule
         self.rounds = 0
@@ -50,9 +57,9 @@ class StepMap:
         converted = self.rule.convert(positions, x_in, output)
         self.converted[positions] = converted
         self.evaluated[positions] = True
-        self.x0_predictions[positions] = self.rule.predict_x0(positions, x_in, output)
         previous = self._previous_converted(positions, converted) if self.rule.history else None
-        deterministic = self.rule.step(positions, x_in, converted, previous)
+        deterministic, x0 = self.rule.step_and_x0(positions, x_in, output, converted, previous)
+        self.x0_predictions[positions] = x0
         return deterministic + self.problem.noise_term(positions, deterministic)
 
     def _previous_converted(self, positions: Tensor, current: Tensor) -> Tensor:
@@ -76,6 +83,19 @@ class StepMap:
     def _count(self, positions: Tensor, output: Tensor, evaluations: int) -> None:
         self.rounds += 1
         self.model_evals += evaluations
+        if self.defer_finite_check:
+            self._last = (positions, output)
+            return
+        self._check(positions, output)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteDenoiserOutput` naming the step if the last round's output was
+        not finite (with a deferred check). A non-finite iterate from finite outputs (an
+        extrapolating solver far beyond its converged steps) is left to the solver."""
+        if self._last is not None:
+            self._check(*self._last)
+
+    def _check(self, positions: Tensor, output: Tensor) -> None:
         finite = torch.isfinite(output.reshape(output.shape[0], -1)).all(dim=1)
         if not bool(finite.all()):
             bad = int(torch.nonzero(~finite)[0, 0])

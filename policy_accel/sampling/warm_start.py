@@ -28,6 +28,7 @@ from torch import Tensor
 
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
+from policy_accel.sampling.solvers.scan import linear_recurrence
 
 SPACES = ("prediction", "trajectory")
 
@@ -79,25 +80,37 @@ def shift_trajectory(trajectory: Tensor, shift: int, axis: int = 0) -> Tensor:
 def trajectory_from_predictions(problem: DenoisingProblem, x0_predictions: Tensor) -> Tensor:
     """Run the problem's steps with the clean-sample prediction of step ``i`` fixed to
     ``x0_predictions[i]`` (``[N, B, *event]``) and the problem's own noise: a trajectory guess
-    consistent with that noise, built without model calls."""
+    consistent with that noise, built without model calls.
+
+    With the prediction fixed, step ``i`` is affine in its input, ``x[i+1] = a_i x[i] + b_i``
+    (``a`` the rule's linear coefficient, ``b_i`` the step at ``x = 0`` plus its noise), so the
+    whole trajectory is one vectorised recurrence (:func:`linear_recurrence`), not a loop of N
+    steps (16 ms of a warm PushT replan's host time on this CPU). Inpainted entries are written
+    before every step, so there ``x[i+1] = a_i c + b_i`` with ``c`` the known value."""
     rule = problem.rule
-    x = torch.empty(problem.trajectory_shape, dtype=problem.x_T.dtype, device=problem.x_T.device)
-    x[0] = problem.x_T
-    previous = None
-    for i in range(problem.num_steps):
-        position = torch.tensor([i], device=x.device)
-        x_in = problem.prepare(x[i : i + 1])
-        output = rule.model_output_from_x0(position, x_in, x0_predictions[i : i + 1].to(x))
-        converted = rule.convert(position, x_in, output)
-        moved = rule.step(
-            position,
-            x_in,
-            converted,
-            (previous if previous is not None else converted) if rule.history else None,
+    n = problem.num_steps
+    positions = torch.arange(n, device=problem.x_T.device)
+    x0 = x0_predictions.to(problem.x_T)
+    zeros = torch.zeros_like(x0)
+    output = rule.model_output_from_x0(positions, zeros, x0)
+    converted = rule.convert(positions, zeros, output)
+    previous = torch.cat([converted[:1], converted[:-1]]) if rule.history else None
+    moved = rule.step(positions, zeros, converted, previous)
+    offset = moved + problem.noise_term(positions, moved)
+    a = rule.linear_coefficient().to(problem.x_T.device)
+    start = problem.prepare(problem.x_T)
+    if problem.mask is not None:  # known entries: x[i] is replaced by c before step i
+        known = problem.cond_data.to(offset).expand_as(problem.x_T)
+        steps = a.to(offset.dtype).reshape(-1, *([1] * problem.x_T.dim())) * known + offset
+        free = linear_recurrence(
+            start, a, torch.where(problem.mask, torch.zeros_like(offset), offset)
         )
-        x[i + 1] = (moved + problem.noise_term(position, moved))[0]
-        previous = converted
-    return x
+        trajectory = torch.where(problem.mask, torch.cat([start.unsqueeze(0), steps]), free)
+        trajectory[0] = problem.x_T
+        return trajectory
+    trajectory = linear_recurrence(start, a, offset)
+    trajectory[0] = problem.x_T
+    return trajectory
 
 
 @dataclass(frozen=True)

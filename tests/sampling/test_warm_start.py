@@ -109,3 +109,37 @@ def test_prediction_space_guess_beats_a_shifted_trajectory(problem, method):
     assert rms(by_prediction.sample, reference.sample) <= (1e-5 if method == "newton" else 5e-3)
     with pytest.raises(ValueError, match="space"):
         warm_start_guess(following, previous, 8, space="latent")
+
+
+def _looped_trajectory(problem, x0_predictions):
+    """The step-by-step definition of trajectory_from_predictions (the reference)."""
+    rule = problem.rule
+    x = torch.empty(problem.trajectory_shape, dtype=problem.x_T.dtype)
+    x[0] = problem.x_T
+    previous = None
+    for i in range(problem.num_steps):
+        position = torch.tensor([i])
+        x_in = problem.prepare(x[i : i + 1])
+        output = rule.model_output_from_x0(position, x_in, x0_predictions[i : i + 1])
+        converted = rule.convert(position, x_in, output)
+        prev = (previous if previous is not None else converted) if rule.history else None
+        moved = rule.step(position, x_in, converted, prev)
+        x[i + 1] = (moved + problem.noise_term(position, moved))[0]
+        previous = converted
+    return x
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_vectorised_trajectory_equals_the_step_by_step_one(kind, masked):
+    problem = chunk_problem(kind, 30)
+    if masked:
+        mask = torch.zeros_like(problem.x_T, dtype=torch.bool)
+        mask[:, :2] = True
+        problem = DenoisingProblem(
+            problem.denoiser, problem.rule, problem.x_T, problem.noise, mask, 0.3 * mask
+        )
+    predictions = sample(problem, "sequential").x0_predictions
+    expected = _looped_trajectory(problem, predictions)
+    got = trajectory_from_predictions(problem, predictions)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

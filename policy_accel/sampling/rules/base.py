@@ -104,6 +104,33 @@ class StepRule(ABC):
     def predict_x0(self, idx: Tensor, x: Tensor, model_output: Tensor) -> Tensor:
         """The step's clean-sample prediction (after clipping, as the scheduler uses it)."""
 
+    def step_and_x0(
+        self,
+        idx: Tensor,
+        x: Tensor,
+        model_output: Tensor,
+        converted: Tensor,
+        converted_prev: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`step` and :meth:`predict_x0` together (rules whose step computes the
+        prediction anyway return that one: the same arithmetic, done once per round)."""
+        return self.step(idx, x, converted, converted_prev), self.predict_x0(idx, x, model_output)
+
+    def products_are_safe(self) -> bool:
+        """Whether every product of consecutive linear coefficients stays above 1e-250 in
+        float64, so scans may divide by them (checked once per rule, not per round)."""
+
+        def check() -> bool:
+            logs = self.linear_coefficient().abs().clamp_min(1e-300).log().cpu().tolist()
+            worst, running_max, prefix = 0.0, 0.0, 0.0
+            for value in logs:  # the smallest sum of a contiguous run of log|a|
+                prefix += value
+                worst = min(worst, prefix - running_max)
+                running_max = max(running_max, prefix)
+            return worst > -575.0  # log(1e-250)
+
+        return self._memo("products_are_safe", check)
+
     def model_output_from_x0(self, idx: Tensor, x: Tensor, x0: Tensor) -> Tensor:
         """The model output that would make the step predict ``x0`` at ``x`` (no clipping)."""
         alpha = per_position(self.alphas, idx, x)

@@ -58,11 +58,15 @@ class DDIMRule(StepRule):
     def step(
         self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None
     ) -> Tensor:
+        return self.step_and_x0(idx, x, converted, converted, converted_prev)[0]
+
+    def step_and_x0(self, idx, x, model_output, converted, converted_prev):
         x0, eps = self._x0_and_eps(idx, x, converted)
-        return (
+        moved = (
             per_position(self.sqrt_alpha_prod_prev, idx, x) * x0
             + per_position(self.direction_coefficient, idx, x) * eps
         )
+        return moved, x0
 
 
 def ddim_rule(

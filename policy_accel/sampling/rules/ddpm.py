@@ -45,11 +45,15 @@ class DDPMRule(StepRule):
     def step(
         self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None
     ) -> Tensor:
+        return self.step_and_x0(idx, x, converted, converted, converted_prev)[0]
+
+    def step_and_x0(self, idx, x, model_output, converted, converted_prev):
         x0 = self.predict_x0(idx, x, converted)
-        return (
+        moved = (
             per_position(self.x0_coefficient, idx, x) * x0
             + per_position(self.sample_coefficient, idx, x) * x
         )
+        return moved, x0
 
 
 def ddpm_rule(scheduler, num_inference_steps: int) -> DDPMRule:

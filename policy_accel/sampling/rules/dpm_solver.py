@@ -43,6 +43,9 @@ class DPMSolverRule(StepRule):
     def predict_x0(self, idx: Tensor, x: Tensor, model_output: Tensor) -> Tensor:
         return self.convert(idx, x, model_output)
 
+    def step_and_x0(self, idx, x, model_output, converted, converted_prev):
+        return self.step(idx, x, converted, converted_prev), converted
+
     def step(
         self, idx: Tensor, x: Tensor, converted: Tensor, converted_prev: Tensor | None
     ) -> Tensor:

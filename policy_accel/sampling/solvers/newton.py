@@ -55,8 +55,9 @@ def newton(
             "small events such as action chunks; for larger ones use method='picard' or 'taa', "
             "or raise max_event_size if memory allows."
         )
-    step_map = StepMap(problem, executor)
+    step_map = StepMap(problem, executor, defer_finite_check=True)
     linear = problem.rule.linear_coefficient().to(problem.x_T)
+    safe = problem.rule.products_are_safe()
 
     def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, None]:
         old = x[begin + 1 : end + 1]
@@ -67,7 +68,7 @@ def newton(
             positions = torch.arange(begin, end, device=x.device)
             F = step_map(positions, x[begin:end])
             coefficient = linear[begin:end]
-            new = diagonal_scan(F, old, coefficient)
+            new = diagonal_scan(F, old, coefficient, safe)
             return new, new - old, None
         F, J, K = step_map.linearize(begin, x[begin:end])
         event = x.shape[2:]

@@ -41,7 +41,7 @@ class ParadigmsOptions(WindowOptions):
 def paradigms(
     problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: ParadigmsOptions
 ) -> SampleResult:
-    step_map = StepMap(problem, executor)
+    step_map = StepMap(problem, executor, defer_finite_check=True)
 
     def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, None]:
         positions = torch.arange(begin, end, device=x.device)

@@ -46,14 +46,15 @@ class PicardOptions(WindowOptions):
 def picard(
     problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: PicardOptions
 ) -> SampleResult:
-    step_map = StepMap(problem, executor)
+    step_map = StepMap(problem, executor, defer_finite_check=True)
     linear = problem.rule.linear_coefficient().to(problem.x_T)
+    safe = problem.rule.products_are_safe()
 
     def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, None]:
         positions = torch.arange(begin, end, device=x.device)
         F = step_map(positions, x[begin:end])
         coefficient = linear[begin:end]
-        new = diagonal_scan(F, x[begin + 1 : end + 1], coefficient)
+        new = diagonal_scan(F, x[begin + 1 : end + 1], coefficient, safe)
         return new, new - x[begin + 1 : end + 1], None
 
     return solve_by_windows(step_map, iterate, method="picard", init=init, options=options)

@@ -33,16 +33,22 @@ def correction_scan(
     return new
 
 
-def diagonal_scan(F: Tensor, old_next: Tensor, coefficient: Tensor) -> Tensor:
+def diagonal_scan(
+    F: Tensor, old_next: Tensor, coefficient: Tensor, safe: bool | None = None
+) -> Tensor:
     """:func:`correction_scan` for a scalar linear part per position (``coefficient [P]``),
     vectorised: ``delta_{p+1} = a_p delta_p + r_p`` is ``C_p sum_{q<=p} r_q / C_q`` with
-    ``C = cumprod(a)``, evaluated in float64. Falls back to the loop if the products underflow."""
+    ``C = cumprod(a)``, evaluated in float64. Falls back to the loop if the products underflow;
+    ``safe`` (a rule's :meth:`~policy_accel.sampling.rules.StepRule.products_are_safe`) skips
+    that check, a host synchronisation, on every round."""
     residual = (F - old_next).to(torch.float64)
     a = coefficient.to(torch.float64)
     # delta entering position p is sum_{q<p} (a_{q+1} ... a_{p-1}) r_q; new[p] = F[p] + a_p delta_p
     shifted = torch.cat([torch.ones_like(a[:1]), a[1:]])
     products = torch.cumprod(shifted, dim=0)
-    if not bool((products.abs() > 1e-250).all()):
+    if safe is None:
+        safe = bool((products.abs() > 1e-250).all())
+    if not safe:
         return correction_scan(F, old_next, lambda p, delta: coefficient[p] * delta)
     shape = (-1,) + (1,) * (F.dim() - 1)
     weighted = torch.cumsum(residual / products.reshape(shape), dim=0) * products.reshape(shape)
@@ -50,3 +56,22 @@ def diagonal_scan(F: Tensor, old_next: Tensor, coefficient: Tensor) -> Tensor:
     new = F + (a.reshape(shape) * delta).to(F.dtype)
     new[0] = F[0]
     return new
+
+
+def linear_recurrence(start: Tensor, coefficient: Tensor, offset: Tensor) -> Tensor:
+    """``x[0] = start``, ``x[i+1] = a_i x[i] + c_i`` for ``a = coefficient [N]`` and ``c =
+    offset [N, *shape]``, all ``N + 1`` values at once: ``x[i+1] = A_i (start + sum_{j<=i} c_j /
+    A_j)`` with ``A = cumprod(a)`` in float64 (a loop when the products underflow)."""
+    a = coefficient.to(torch.float64)
+    products = torch.cumprod(a, dim=0)
+    out = torch.empty((offset.shape[0] + 1, *offset.shape[1:]), dtype=offset.dtype,
+                      device=offset.device)  # fmt: skip
+    out[0] = start
+    if not bool((products.abs() > 1e-250).all()):
+        for i in range(offset.shape[0]):
+            out[i + 1] = coefficient[i] * out[i] + offset[i]
+        return out
+    shape = (-1,) + (1,) * (offset.dim() - 1)
+    scaled = torch.cumsum(offset.to(torch.float64) / products.reshape(shape), dim=0)
+    out[1:] = ((start.to(torch.float64).unsqueeze(0) + scaled) * products.reshape(shape)).to(out)
+    return out

@@ -95,8 +95,9 @@ def anderson_correction(
 def taa(
     problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: TAAOptions
 ) -> SampleResult:
-    step_map = StepMap(problem, executor)
+    step_map = StepMap(problem, executor, defer_finite_check=True)
     linear = problem.rule.linear_coefficient().to(problem.x_T)
+    safe = problem.rule.products_are_safe()
     n = problem.num_steps
     # Anderson history: ring buffers over the whole trajectory, allocated once per solve
     slots = options.memory + 1
@@ -114,7 +115,7 @@ def taa(
         F = step_map(positions, x[begin:end])
         # The exact-linear-part (picard) value: what a position settles to, and the change that
         # the tolerance judges, so taa stops exactly where picard would with the same iterate.
-        settled = diagonal_scan(F, old, coefficient)
+        settled = diagonal_scan(F, old, coefficient, safe)
         if options.order is None or options.order >= end - begin:
             residual = settled - old  # the full-window order residual is the picard scan's change
         else:

@@ -9,6 +9,7 @@ and the window slides past them (Shih et al. 2023, Algorithm 1). Hence at most N
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -50,6 +51,8 @@ def solve_by_windows(
     ):
         new, change, settled = iterate(x, begin, end)
         errors = scaled_error(change, scale[begin:end]).tolist()  # the round's one host sync
+        if not all(map(math.isfinite, errors)):
+            step_map.check_finite()  # names the step whose model output was NaN/Inf
         first_late = next((p for p, e in enumerate(errors) if e > tolerance), end - begin)
         new_begin = begin + min(first_late + 1, end - begin)
         x[begin + 1 : end + 1] = new
