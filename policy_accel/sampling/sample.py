@@ -38,7 +38,8 @@ def sample(
 
     Args:
         problem: the trajectory to solve (:class:`DenoisingProblem`).
-        method: one of ``sequential``, ``paradigms``, ``picard``, ``taa``, ``srds``, ``newton``.
+        method: one of ``sequential``, ``paradigms``, ``picard``, ``taa``, ``srds``, ``newton``,
+            ``chord``.
         init: optional trajectory guess ``[N+1, B, *event]`` (a warm start); ``init[0]`` is
             replaced by the problem's ``x_T``.
         executor: where the denoiser calls run (default: :class:`LocalExecutor`, the tensors'

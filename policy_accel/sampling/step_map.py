@@ -104,8 +104,11 @@ class StepMap:
 
     # --- linearisation (Newton) ----------------------------------------------------------------
 
-    def linearize(self, begin: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``F`` at the contiguous positions ``begin .. begin+P-1`` and its Jacobians.
+    def linearize(
+        self, begin: int, x: Tensor, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``F`` at the contiguous positions ``begin .. begin+P-1`` (or at ``positions [P]``) and
+        its Jacobians.
 
         Returns ``(F, J, K)``: ``J[p] = dF_p / dx[p]`` and, for multistep rules,
         ``K[p] = dF_p / dx[p-1]``, each ``[P, B, E, E]`` with ``E`` the event size. The model's
@@ -117,7 +120,8 @@ class StepMap:
         positions_count, batch = x.shape[0], x.shape[1]
         event = x.shape[2:]
         size = math.prod(event)
-        positions = torch.arange(begin, begin + positions_count, device=x.device)
+        if positions is None:
+            positions = torch.arange(begin, begin + positions_count, device=x.device)
         x_in = problem.prepare(x)
         free = (
             torch.ones_like(x[0])

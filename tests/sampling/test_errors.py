@@ -68,7 +68,9 @@ def test_noise_of_the_wrong_shape_is_refused():
         )
 
 
-@pytest.mark.parametrize("method", ["sequential", "paradigms", "picard", "taa", "srds", "newton"])
+@pytest.mark.parametrize(
+    "method", ["sequential", "paradigms", "picard", "taa", "srds", "newton", "chord"]
+)
 def test_nan_from_the_denoiser_names_round_and_step(problem, method):
     def broken(x, t):
         out = problem.denoiser(x, t)

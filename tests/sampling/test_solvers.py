@@ -25,6 +25,7 @@ DEFAULT_TOLERANCE_ERROR = {
     "taa": 2e-3,
     "srds": 5e-3,
     "newton": 1e-5,
+    "chord": 2e-3,
 }
 
 
@@ -74,7 +75,7 @@ def test_ddim_with_noise_reproduces_sequential():
         assert rms(sample(problem, method, tolerance=0.0).sample, reference.sample) <= 1e-5, method
 
 
-@pytest.mark.parametrize("method", ["paradigms", "picard", "taa", "newton"])
+@pytest.mark.parametrize("method", ["paradigms", "picard", "taa", "newton", "chord"])
 def test_small_window_slides_to_the_same_answer(method):
     problem = chunk_problem("ddpm", 60)
     reference = sample(problem, "sequential")
@@ -116,7 +117,8 @@ def test_srds_pipelined_reports_a_shorter_critical_path():
     assert pipelined.rounds < plain.rounds == plain.stats["rounds_executed"]
 
 
-def test_newton_is_refused_for_large_events():
+@pytest.mark.parametrize("method", ["newton", "chord"])
+def test_matrix_solvers_are_refused_for_large_events(method):
     scheduler = make_scheduler("ddim")
     means = torch.zeros(2, 4, 16, 16)
     from policy_accel.sampling.analytic import GaussianMixtureDenoiser
@@ -124,7 +126,7 @@ def test_newton_is_refused_for_large_events():
     denoiser = GaussianMixtureDenoiser(means, 0.5, scheduler.alphas_cumprod)
     problem = DenoisingProblem.from_scheduler(scheduler, denoiser, 10, (1, 4, 16, 16))
     with pytest.raises(ValueError, match="max_event_size"):
-        sample(problem, "newton")
+        sample(problem, method)
 
 
 @pytest.mark.parametrize("method", PARALLEL)

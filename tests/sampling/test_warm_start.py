@@ -16,7 +16,7 @@ from policy_accel.sampling.warm_start import (
 from tests.sampling.helpers import chunk_problem, rms
 
 PARALLEL = [name for name in SOLVERS if name != "sequential"]
-WINDOWED = ["paradigms", "picard", "taa", "newton"]
+WINDOWED = ["paradigms", "picard", "taa", "newton", "chord"]
 
 
 @pytest.fixture(scope="module")

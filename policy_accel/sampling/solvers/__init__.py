@@ -2,6 +2,7 @@
 ``solver(problem, init, executor, options) -> SampleResult`` with a frozen options dataclass;
 :data:`SOLVERS` registers them and :func:`policy_accel.sample` is the front door."""
 
+from policy_accel.sampling.solvers.chord import ChordOptions, chord
 from policy_accel.sampling.solvers.newton import NewtonOptions, newton
 from policy_accel.sampling.solvers.paradigms import ParadigmsOptions, paradigms
 from policy_accel.sampling.solvers.picard import PicardOptions, picard
@@ -16,10 +17,12 @@ SOLVERS = {
     "taa": (taa, TAAOptions),
     "srds": (srds, SRDSOptions),
     "newton": (newton, NewtonOptions),
+    "chord": (chord, ChordOptions),
 }
 
 __all__ = [
     "SOLVERS",
+    "ChordOptions",
     "NewtonOptions",
     "ParadigmsOptions",
     "PicardOptions",

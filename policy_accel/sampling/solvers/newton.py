@@ -23,7 +23,7 @@ from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers.options import WindowOptions
-from policy_accel.sampling.solvers.scan import correction_scan, diagonal_scan
+from policy_accel.sampling.solvers.scan import correction_scan, diagonal_scan, matrix_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
 
@@ -71,6 +71,9 @@ def newton(
             new = diagonal_scan(F, old, coefficient, safe)
             return new, new - old, None
         F, J, K = step_map.linearize(begin, x[begin:end])
+        if K is None:
+            new = matrix_scan(F, old, J)
+            return new, new - old, None
         event = x.shape[2:]
 
         def apply(matrices: Tensor):
@@ -80,7 +83,7 @@ def newton(
 
             return multiply
 
-        new = correction_scan(F, old, apply(J), None if K is None else apply(K))
+        new = correction_scan(F, old, apply(J), apply(K))
         return new, new - old, None
 
     return solve_by_windows(step_map, iterate, method="newton", init=init, options=options)
