@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-connections", type=int, default=32, help="clients connected at once (more: 503)"
     )
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve.add_argument("--method", default=None, help="solver (default: picard or the sampler's)")
+    serve.add_argument("--method", default=None, help="solver (default: chord or the sampler's)")
     serve.add_argument(
         "--no-warm-start", dest="warm_start", action="store_false", help="cold solves only"
     )

@@ -40,7 +40,7 @@ STATS = (
 
 @dataclass
 class SweepConfig:
-    methods: list[str] = field(default_factory=lambda: ["sequential", "picard", "newton"])
+    methods: list[str] = field(default_factory=lambda: ["sequential", "picard", "chord", "newton"])
     windows: list[int | None] = field(default_factory=lambda: [None])
     tolerances: list[float | None] = field(default_factory=lambda: [None])
     warm: list[bool] = field(default_factory=lambda: [True, False])

@@ -25,7 +25,8 @@ from policy_accel.sampling.warm_start import SPACES
 @dataclass(frozen=True)
 class SamplerConfig:
     """Attributes:
-    method: a solver (``sequential``, ``picard``, ``paradigms``, ``taa``, ``srds``, ``newton``).
+    method: a solver (``sequential``, ``picard``, ``paradigms``, ``taa``, ``srds``, ``newton``,
+        ``chord``).
     options: the solver's options (``tolerance``, ``window``, ``max_rounds``, ...).
     warm_start: carry each row's previous trajectory and noise over to its next replan, shifted
         by the executed actions (see :mod:`policy_accel.control.planner`).
@@ -40,10 +41,15 @@ class SamplerConfig:
         ``dpm_solver``; built from the checkpoint's training schedule); ``None``: the policy's.
     num_inference_steps: solver steps (``None``: the policy's own).
     executor: where the denoiser runs (default: the policy's device).
+    jacobian_stride: with ``method="chord"`` and the warm start, measure the model Jacobians
+        of every ``jacobian_stride``-th step at each converged replan *off the critical path*
+        (a background thread, started once the chunk is returned) and start the row's next
+        replan from them, shifted by the executed actions; a replan never waits for it (an
+        unfinished refresh is dropped). ``None``: no estimate (chord's secant updates only).
     name: a label for tables and files (default: ``method`` plus ``_warm``).
     """
 
-    method: str = "picard"
+    method: str = "chord"
     options: Mapping[str, Any] = field(default_factory=dict)
     warm_start: bool = True
     warm_space: str = "prediction"
@@ -53,6 +59,7 @@ class SamplerConfig:
     scheduler: str | None = None
     num_inference_steps: int | None = None
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    jacobian_stride: int | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -84,6 +91,12 @@ class SamplerConfig:
             scheduler_name(self.scheduler)
         if self.num_inference_steps is not None:
             _positive_int(self.num_inference_steps, "num_inference_steps")
+        if self.jacobian_stride is not None:
+            _positive_int(self.jacobian_stride, "jacobian_stride")
+            if self.method != "chord":
+                raise ValueError(
+                    f"jacobian_stride applies to method='chord' only. Got method={self.method!r}."
+                )
         if isinstance(self.executor, Mapping):
             object.__setattr__(self, "executor", ExecutorConfig(**self.executor))
         if not isinstance(self.executor, ExecutorConfig):

@@ -45,7 +45,7 @@ class Controller:
     Args:
         policy: a loaded policy (:func:`policy_accel.load_policy`).
         sampler: how to sample (:class:`~policy_accel.control.config.SamplerConfig`; default:
-            warm-started picard at its default tolerance).
+            warm-started chord at its default tolerance).
         n_action_steps: actions executed per plan (default: the policy's; at most its chunk).
         seed: seed of the noise generator (each ``reset`` continues the same stream).
         executor: where the denoiser runs (default: ``sampler.executor``).

@@ -18,6 +18,13 @@ channels alike, and a ``pred_action_steps_only`` sample (``n_action_steps`` long
 while fewer actions than its length were executed. A row starts cold after a reset, when
 ``warm_start`` is off, or when nothing of its previous sample is left to shift.
 
+Jacobians off the critical path. With ``method="chord"`` and ``jacobian_stride``, once a plan's
+chunk is decided the planner measures the model Jacobians at its converged trajectory on a
+background thread (:meth:`Planner.refresh` is the same work, run by the caller), while the robot
+executes the chunk; the row's next replan starts chord from them, shifted by the executed actions
+(:meth:`~policy_accel.sampling.jacobians.Jacobians.shifted`). A replan never waits: a refresh still
+running is dropped and the last finished estimate, shifted further, is used, or none.
+
 Deadlines. With ``budget_ms`` no solver round starts after the budget: the solver's current
 iterate (the best chunk available) comes back flagged ``deadline_hit``, so a plan overruns by at
 most the round in flight; with ``fallback_steps`` it is replaced by a sequential
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,8 +43,10 @@ import torch
 
 from policy_accel.control.config import SamplerConfig
 from policy_accel.control.records import PlanRecord
+from policy_accel.execution import LocalExecutor
 from policy_accel.policies.base import Policy
 from policy_accel.sampling import sample
+from policy_accel.sampling.jacobians import Jacobians, estimate_jacobians
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.schedulers import scheduler_like
@@ -51,6 +61,10 @@ class RowState:
 
     generator: torch.Generator
     warm: WarmStart | None = None
+    jacobians: Jacobians | None = None  # measured this many executed actions before `warm`
+    jacobians_offset: int = 0
+    pending: Future | None = None  # the refresh of `warm`'s Jacobians, off the critical path
+    pending_row: int = 0
 
     @classmethod
     def seeded(cls, seed: int) -> RowState:
@@ -59,6 +73,24 @@ class RowState:
     def forget(self) -> None:
         """The next replan starts cold (a new episode); the noise stream goes on."""
         self.warm = None
+        self.jacobians, self.pending = None, None
+
+    def take_refresh(self) -> None:
+        """Adopt the refresh of the last replan if it finished, else drop it (never wait)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if pending.done() and pending.exception() is None:
+            self.jacobians = pending.result().select(slice(self.pending_row, self.pending_row + 1))
+            self.jacobians_offset = 0
+        else:
+            pending.cancel()
+
+    def jacobians_for(self, shift: int, length: int, axis: int) -> Jacobians | None:
+        total = self.jacobians_offset + shift
+        if self.jacobians is None or total >= length:
+            return None
+        return self.jacobians.shifted(total, axis)
 
 
 @dataclass(frozen=True)
@@ -140,6 +172,7 @@ class Planner:
             executor = self.sampler.executor.build()
         self.executor = executor
         self.length = policy.event_shape[policy.horizon_axis]
+        self._refresher: ThreadPoolExecutor | None = None
 
     def rows(self, seeds: Sequence[int]) -> list[RowState]:
         return [RowState.seeded(seed) for seed in seeds]
@@ -188,13 +221,11 @@ class Planner:
             )
         budget = self.sampler.budget_ms
         deadline = None if budget is None else start + budget / 1e3
-        result = sample(
-            problem,
-            self.sampler.method,
-            init=init,
-            executor=self.executor,
-            **self.sampler.solver_options(deadline),
-        )
+        options = self.sampler.solver_options(deadline)
+        estimated = self._estimates(rows, shifts, warm)
+        if estimated is not None:
+            options["jacobians"] = estimated
+        result = sample(problem, self.sampler.method, init=init, executor=self.executor, **options)
         deadline_hit = bool(result.stats.get("deadline_hit", False))
         fallback = deadline_hit and self.fallback_scheduler is not None
         x0 = self._fallback(obs, problem) if fallback else result.sample
@@ -206,8 +237,11 @@ class Planner:
                 f"the policy produced non-finite actions ({self.sampler.method}, "
                 f"converged={result.converged}); check the observation and the checkpoint."
             )
-        for row, state in zip(rows, WarmStart.rows(problem, result), strict=True):
+        for row, state, shift in zip(rows, WarmStart.rows(problem, result), shifts, strict=True):
             row.warm = state
+            row.jacobians_offset += shift
+        if self.sampler.jacobian_stride is not None and self.sampler.warm_start:
+            self._start_refresh(rows, problem, result.trajectory)
         latency_ms = (time.perf_counter() - start) * 1e3
         extra = self.sampler.fallback_steps if fallback else 0
         records = tuple(
@@ -221,10 +255,53 @@ class Planner:
                 deadline_hit=deadline_hit,
                 fallback=fallback,
                 shift=shift if is_warm else 0,
+                jacobians=estimated is not None,
             )
             for shift, is_warm in zip(shifts, warm, strict=True)
         )
         return Plan(actions, future, records, result, problem, obs)
+
+    def _estimates(self, rows, shifts, warm) -> Jacobians | None:
+        """The rows' Jacobian estimates for this replan, batched (a row without one gets a
+        zero model part, i.e. picard's coefficient); ``None`` when no row has one."""
+        if self.sampler.jacobian_stride is None:
+            return None
+        for row in rows:
+            row.take_refresh()
+        axis = self.policy.horizon_axis
+        found = [
+            row.jacobians_for(shift, self.length, axis) if is_warm else None
+            for row, shift, is_warm in zip(rows, shifts, warm, strict=True)
+        ]
+        known = next((j for j in found if j is not None), None)
+        if known is None:
+            return None
+        zero = Jacobians(torch.zeros_like(known.model), known.positions, known.num_steps,
+                         known.event_shape)  # fmt: skip
+        return Jacobians.cat([j if j is not None else zero for j in found])
+
+    def refresh(self, problem: DenoisingProblem, trajectory: torch.Tensor) -> Jacobians:
+        """The off-critical-path work of a chord replan: the model Jacobians of every
+        ``jacobian_stride``-th step at ``problem``'s converged ``trajectory`` (one row per
+        problem row). Costs ``E`` model evaluations per measured step and row
+        (:attr:`~policy_accel.sampling.jacobians.Jacobians.evaluations`)."""
+        executor = self.executor if self.executor is not None else LocalExecutor()
+        return estimate_jacobians(problem, trajectory, executor, self.sampler.jacobian_stride)
+
+    def _start_refresh(self, rows, problem: DenoisingProblem, trajectory: torch.Tensor) -> None:
+        if self._refresher is None:
+            self._refresher = ThreadPoolExecutor(1, thread_name_prefix="policy-accel-jacobians")
+        future = self._refresher.submit(self.refresh, problem, trajectory.detach())
+        for index, row in enumerate(rows):
+            if row.pending is not None:
+                row.pending.cancel()
+            row.pending, row.pending_row = future, index
+
+    def close(self) -> None:
+        """Stop the background refresh thread (unfinished refreshes are dropped)."""
+        if self._refresher is not None:
+            self._refresher.shutdown(wait=False, cancel_futures=True)
+            self._refresher = None
 
     def _fallback(self, obs: dict, problem: DenoisingProblem) -> torch.Tensor:
         fallback = self.policy.problem(

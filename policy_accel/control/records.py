@@ -22,6 +22,7 @@ class PlanRecord:
         deadline_hit: the budget stopped the solver early.
         fallback: the chunk came from the fallback sampler.
         shift: executed actions since the row's previous replan (0 when cold).
+        jacobians: the solver started from a Jacobian estimate measured off the critical path.
     """
 
     latency_ms: float
@@ -33,6 +34,7 @@ class PlanRecord:
     deadline_hit: bool = False
     fallback: bool = False
     shift: int = 0
+    jacobians: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,4 +61,5 @@ def latency_stats(records: Iterable[PlanRecord]) -> dict[str, float]:
         "warm_fraction": float(np.mean([r.warm for r in records])),
         "deadline_misses": int(sum(r.deadline_hit for r in records)),
         "fallbacks": int(sum(r.fallback for r in records)),
+        "jacobians_fraction": float(np.mean([r.jacobians for r in records])),
     }

@@ -27,11 +27,11 @@ def test_benchmark_writes_rows_for_every_solver_and_start(tmp_path, capsys):
     saved = json.loads(output.read_text())
     assert saved["machine"]["torch_threads"] == 1
     rows = saved["rows"]
-    assert len(rows) == len(report["rows"]) == 2 * 6 * 2
+    assert len(rows) == len(report["rows"]) == 2 * 7 * 2  # 2 events x 7 solvers x cold, warm
     chunk = {(r["method"], r["start"]): r for r in rows if r["event"] == "chunk16x2"}
     assert chunk[("sequential", "cold")]["rounds_max"] == 20
     assert chunk[("sequential", "cold")]["rms_error_vs_sequential_max"] == 0.0
-    for method in ("paradigms", "picard", "taa", "newton"):
+    for method in ("paradigms", "picard", "taa", "newton", "chord"):
         assert chunk[(method, "cold")]["rounds_max"] < 20
         assert chunk[(method, "warm")]["rounds_mean"] <= chunk[(method, "cold")]["rounds_mean"]
         assert chunk[(method, "cold")]["all_converged"]

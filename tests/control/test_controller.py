@@ -191,3 +191,50 @@ def test_a_failed_plan_leaves_history_and_noise_as_they_were(tiny_pusht_policy, 
     monkeypatch.setattr(type(failing.policy), "decode", original)
     obs2, *_ = env.step(np.array([240.0, 260.0]))
     np.testing.assert_array_equal(failing.plan(obs2).chunk, clean.plan(obs2).chunk)
+
+
+def test_chord_replans_never_wait_for_the_off_path_jacobian_refresh(
+    tiny_pusht_policy, env, monkeypatch
+):
+    import threading
+    import time
+
+    from policy_accel.control.planner import Planner
+
+    release = threading.Event()
+    measure = Planner.refresh
+
+    def held(self, problem, trajectory):
+        release.wait(30)  # the robot's idle time is over before the refresh is
+        return measure(self, problem, trajectory)
+
+    monkeypatch.setattr(Planner, "refresh", held)
+    controller = Controller(
+        tiny_pusht_policy, method="chord", jacobian_stride=10, n_action_steps=4, seed=1
+    )
+    obs, _ = env.reset(seed=2)
+    plans = []
+    while len(plans) < 2:
+        step = controller.step(obs)
+        if step.plan is not None:
+            plans.append(step.plan)
+        obs, *_ = env.step(step.action)
+    started = time.perf_counter()
+    assert [p.record.jacobians for p in plans] == [False, False]  # the refresh was dropped
+    release.set()
+    controller.row.pending.result(timeout=30)  # now the robot idles long enough
+    while len(plans) < 3:
+        step = controller.step(obs)
+        if step.plan is not None:
+            plans.append(step.plan)
+        obs, *_ = env.step(step.action)
+    assert time.perf_counter() - started < 30
+    assert plans[-1].record.jacobians and plans[-1].record.warm
+    reference = controller.reference(plans[-1])
+    assert np.abs(plans[-1].chunk - reference).max() < 1.0  # env units (pixels of 512)
+    controller.planner.close()
+
+
+def test_jacobian_stride_is_for_chord_only(tiny_pusht_policy):
+    with pytest.raises(ValueError, match="jacobian_stride applies to method='chord' only"):
+        Controller(tiny_pusht_policy, method="picard", jacobian_stride=4)
