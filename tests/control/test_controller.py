@@ -57,11 +57,12 @@ def test_reference_is_the_sequential_sample_of_the_plan(tiny_pusht_policy, env):
     assert plan.record.method == "picard" and plan.result.converged
 
 
-@pytest.mark.parametrize("method", ["picard", "newton", "paradigms"])
-def test_warm_started_chunks_equal_cold_chunks_with_the_same_shifted_noise(
-    tiny_pusht_policy, env, method
+@pytest.mark.parametrize("warm_noise", ["fresh", "shifted"])
+@pytest.mark.parametrize("method", ["picard", "newton", "paradigms", "chord"])
+def test_warm_started_chunks_equal_the_sequential_sample_of_their_noise(
+    tiny_pusht_policy, env, method, warm_noise
 ):
-    controller = Controller(tiny_pusht_policy, method=method, tolerance=1e-6)
+    controller = Controller(tiny_pusht_policy, method=method, tolerance=1e-6, warm_noise=warm_noise)
     obs, _ = env.reset(seed=2)
     controller.observe(obs)
     plans = []
@@ -76,8 +77,38 @@ def test_warm_started_chunks_equal_cold_chunks_with_the_same_shifted_noise(
     assert [p.record.shift for p in plans] == [0, 8, 8]
 
 
-def test_consecutive_warm_plans_share_noise_on_their_overlap(tiny_pusht_policy, env):
-    controller = Controller(tiny_pusht_policy, method="picard")
+@pytest.mark.parametrize("method", ["picard", "chord"])
+def test_with_fresh_noise_a_warm_controller_plans_what_the_sequential_one_plans(
+    tiny_pusht_policy, method
+):
+    """The default warm start draws every replan's noise as a cold sampler does, so the same
+    seed gives the sequential Controller's chunks, step by step, to the solver's tolerance."""
+    runs = {}
+    for name in ("sequential", method):
+        env = envs.make("pusht")
+        controller = Controller(tiny_pusht_policy, method=name, seed=11, n_action_steps=4)
+        if name != "sequential":
+            controller = Controller(
+                tiny_pusht_policy, method=name, seed=11, n_action_steps=4, tolerance=1e-6
+            )
+        obs, _ = env.reset(seed=5)
+        actions, warm = [], []
+        for _ in range(16):
+            step = controller.step(obs)
+            if step.plan is not None:
+                warm.append(step.plan.record.warm)
+            actions.append(step.action)
+            obs, *_ = env.step(step.action)
+        env.close()
+        runs[name] = (np.array(actions), warm)
+    np.testing.assert_allclose(runs[method][0], runs["sequential"][0], atol=1e-2)
+    assert runs[method][1] == [False, True, True, True]
+
+
+def test_with_shifted_noise_consecutive_warm_plans_share_noise_on_their_overlap(
+    tiny_pusht_policy, env
+):
+    controller = Controller(tiny_pusht_policy, method="picard", warm_noise="shifted")
     obs, _ = env.reset(seed=3)
     steps = []
     for _ in range(9):  # replans at the first step and after 8 executed actions
@@ -238,3 +269,11 @@ def test_chord_replans_never_wait_for_the_off_path_jacobian_refresh(
 def test_jacobian_stride_is_for_chord_only(tiny_pusht_policy):
     with pytest.raises(ValueError, match="jacobian_stride applies to method='chord' only"):
         Controller(tiny_pusht_policy, method="picard", jacobian_stride=4)
+
+
+def test_bad_warm_noise_settings_are_refused(tiny_pusht_policy):
+    with pytest.raises(ValueError, match=r"warm_noise must be one of \['fresh', 'shifted'\]"):
+        Controller(tiny_pusht_policy, warm_noise="old")
+    with pytest.raises(ValueError, match="use warm_noise='shifted' with it"):
+        Controller(tiny_pusht_policy, warm_space="trajectory")
+    Controller(tiny_pusht_policy, warm_space="trajectory", warm_noise="shifted")
