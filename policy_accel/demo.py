@@ -2,9 +2,9 @@
 
 The shipped ``checkpoints/pusht_keypoints`` policy (100-step DDPM) runs a few of DiffusionPolicy's
 PushT test episodes twice, on the same seeds and noise: once with the sequential sampler, once
-with warm-started Picard iterations. It prints success, score, rounds per replan and the latency
-ratio, and writes a video of an episode and a plot of rounds and latency per replan under
-``outputs/demo/``.
+with warm-started chord Newton (the Controller's default). It prints success, score, rounds per
+replan and the latency ratio, and writes a video of an episode and a plot of rounds and latency
+per replan under ``outputs/demo/``.
 
 Rounds (sequential batched model calls per replan) are the hardware-independent latency: 100 for
 the sequential sampler. Wall-clock time per replan depends on what one round costs: on a GPU a
@@ -79,11 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             output_dir=args.output_dir,
             name="pusht_demo",
         ),
-        compare_samplers=[
-            SamplerConfig(
-                method="picard", warm_start=True, options={"tolerance": 1e-3}, name="picard_warm"
-            )
-        ],
+        compare_samplers=[SamplerConfig(name="chord_warm")],  # the Controller's default
     )
     from policy_accel.cli import progress_bars
 

@@ -17,10 +17,10 @@ def test_demo_compares_samplers_and_writes_video_and_plot(tiny_pusht_policy, tmp
         ]
     )
     names = [run["sampler"]["name"] for run in info["runs"]]
-    assert names == ["sequential", "picard_warm"]
+    assert names == ["sequential", "chord_warm"]
     seeds = [[e["seed"] for e in run["per_episode"]] for run in info["runs"]]
     assert seeds == [[100000], [100000]]
     assert info["runs"][0]["latency"]["rounds_mean"] == 10
     out = capsys.readouterr().out
-    assert "vs sequential" in out and "picard_warm" in out
+    assert "vs sequential" in out and "chord_warm" in out
     assert len(list(tmp_path.rglob("*.mp4"))) == 2 and len(list(tmp_path.rglob("*.png"))) == 1

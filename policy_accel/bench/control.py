@@ -87,7 +87,11 @@ class Configuration:
 
     def solve(self, policy, problem, shift: int, executor: TimedExecutor) -> tuple:
         init, options = None, dict(self.options)
-        if self.warm and self.previous is not None and shift < policy.event_shape[0]:
+        if (
+            self.warm
+            and self.previous is not None
+            and shift < policy.event_shape[policy.horizon_axis]
+        ):
             init = warm_start_guess(problem, [self.previous], [shift], policy.horizon_axis)
             if self.jacobians is not None:
                 options["jacobians"] = self.jacobians.shifted(shift, policy.horizon_axis)
@@ -285,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--configurations", nargs="*", default=DEFAULT,
                         choices=sorted(CONFIGURATIONS))  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--n-action-steps", type=int, default=None, help="replan cadence (default: the policy's)"
+    )
     parser.add_argument("--server", action="store_true", help="also measure server overhead")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -296,7 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(args.first_seed, args.first_seed + args.episodes))
     load_before = load_average()
     start = time.perf_counter()
-    run = run_interleaved(policy, args.env, env_kwargs, seeds, args.configurations)
+    run = run_interleaved(
+        policy, args.env, env_kwargs, seeds, args.configurations, args.n_action_steps
+    )
     configurations = run["configurations"]
     sequential = configurations.get("sequential")
     sequential_p50 = (
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         "env": args.env,
         "seeds": [seeds[0], seeds[-1]],
         "num_inference_steps": policy.num_inference_steps,
-        "n_action_steps": policy.n_action_steps,
+        "n_action_steps": args.n_action_steps or policy.n_action_steps,
         "episodes": run["episodes"],
         "rows": rows,
         "replans": {c.label: c.rows for c in configurations.values()},

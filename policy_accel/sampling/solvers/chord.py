@@ -45,9 +45,9 @@ from policy_accel.sampling.step_map import StepMap
 
 @dataclass(frozen=True)
 class ChordOptions(WindowOptions):
-    """Window options (default tolerance 0.003: at 0.01 a closed-loop PushT replan erred by
-    0.054 px of 512, at 0.001 by at most 0.006 px; the sample's RMS error vs sequential is at
-    most 2e-3 on the mixture benchmarks, held by the tests) plus:
+    """Window options (default tolerance 0.002: on closed-loop PushT replans 0.01 erred by up to
+    0.054 px of 512 and 0.003 by up to 0.058 px, 0.001 by at most 0.006 px; the sample's RMS
+    error vs sequential is at most 2e-3 on the mixture benchmarks, held by the tests) plus:
 
     jacobians: the estimate to start from (``None``: picard's coefficient).
     secant: Broyden-update the linear part from every round's change of ``F``.
@@ -56,7 +56,7 @@ class ChordOptions(WindowOptions):
     max_event_size: the largest event whose ``E x E`` matrices are formed.
     """
 
-    tolerance: float = 0.003
+    tolerance: float = 0.002
     jacobians: Jacobians | None = None
     secant: bool = True
     reset_growth: float | None = 4.0
