@@ -7,6 +7,7 @@ from policy_accel.control.batch import BatchController
 from policy_accel.control.client import PolicyClient, ServerError
 from policy_accel.control.config import SamplerConfig
 from policy_accel.control.controller import Controller, ControlStep
+from policy_accel.control.delay import DelayEstimator
 from policy_accel.control.history import ObservationHistory
 from policy_accel.control.planner import Plan, Planner, RowState
 from policy_accel.control.records import PlanRecord, latency_stats
@@ -19,6 +20,7 @@ __all__ = [
     "BatchController",
     "ControlStep",
     "Controller",
+    "DelayEstimator",
     "ObservationHistory",
     "Plan",
     "PlanRecord",

@@ -13,8 +13,10 @@ merge into the action timeline:
   ensembling).
 
 If the timeline runs dry (a plan slower than the queued actions), the last action is held and the
-step is counted as ``starved``. Warm starts work across asynchronous plans: the shift is the
-number of slots between the two plans' observations.
+step is counted as ``starved``. :meth:`AsyncController.run` keeps a
+:class:`~policy_accel.control.delay.DelayEstimator` of the plans' delay in control steps
+(``delay``; its last estimate in ``RunStats.delay_steps``). Warm starts work across asynchronous
+plans: the shift is the number of slots between the two plans' observations.
 
 :meth:`AsyncController.run` drives an env (or a robot with the gymnasium ``reset`` / ``step``
 interface) at a fixed rate, sleeping until each slot's deadline and spinning the last
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from policy_accel.control.controller import Controller
+from policy_accel.control.delay import DelayEstimator
 from policy_accel.control.history import ObservationHistory
 from policy_accel.control.records import PlanRecord
 
@@ -56,6 +59,7 @@ class RunStats:
     late_steps: int = 0
     max_period_error_ms: float = 0.0
     total_reward: float = 0.0
+    delay_steps: int = 0  # the estimated inference delay at the end (DelayEstimator)
     success: bool = False
     info: dict = field(default_factory=dict)
     records: list[PlanRecord] = field(default_factory=list)  # one per plan, in arrival order
@@ -102,6 +106,7 @@ class AsyncController:
         self._last_plan_slot: int | None = None
         self._error: BaseException | None = None
         self._last_action: np.ndarray | None = None
+        self.delay: DelayEstimator | None = None  # set by run() from its rate
 
     # -- planning -----------------------------------------------------------------------------
     @property
@@ -136,6 +141,8 @@ class AsyncController:
     def _plan(self, snapshot: Any, slot: int, executed: int) -> None:
         try:
             plan = self.controller.replan(history=snapshot, executed=executed)
+            if self.delay is not None:
+                self.delay.record(plan.record.latency_ms / 1e3)
             self._merge(plan.chunk, slot, plan.record)
         except BaseException as error:  # surfaced on the control thread
             self._error = error
@@ -204,6 +211,7 @@ class AsyncController:
             raise ValueError(f"hz must be positive, got {hz!r}.")
         period = 1.0 / hz
         self.reset()
+        self.delay = DelayEstimator(period)
         obs, _ = env.reset(seed=seed)
         self.observe(obs)
         self.submit()
@@ -230,6 +238,7 @@ class AsyncController:
                 self.submit()
         if self._thread is not None:
             self._thread.join()
+        self.stats.delay_steps = self.delay.steps
         self.stats.success = bool(info.get("is_success", False))
         self.stats.info = {k: v for k, v in info.items() if np.isscalar(v)}
         return self.stats

@@ -13,7 +13,9 @@ undelayed). ``"auto"`` sets ``k = ceil(latency * control_hz)`` from each replan'
 (the batched call's: use ``eval.batch_size=1`` for a single robot's latency).
 
 Outputs: ``<output_dir>/<date>/<time>_<name>/eval_info.json`` (aggregates with DiffusionPolicy /
-LeRobot names, ``per_episode``, per-replan latency percentiles, rounds, model evaluations), written
+LeRobot names, ``per_episode``, per-replan latency percentiles, rounds, model evaluations, and per
+episode the action jump where each new chunk takes over and the jerk, see
+:func:`~policy_accel.eval.smoothness.action_smoothness`), written
 after every finished episode so an interrupted run keeps its results, and up to ``n_videos`` mp4
 files. An env that raises ends only its own episode, recorded with its ``error``.
 """
@@ -36,6 +38,7 @@ from policy_accel.control.batch import BatchController
 from policy_accel.control.controller import latency_stats
 from policy_accel.eval.config import EvalConfig, SamplerConfig
 from policy_accel.eval.guard import EpisodeGuard
+from policy_accel.eval.smoothness import action_smoothness
 from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
@@ -84,6 +87,8 @@ class _Episode:
         self.steps = 0
         self.error: str | None = None
         self.records: list = []  # this episode's row record of every replan
+        self.actions: list[np.ndarray] = []  # as executed
+        self.boundaries: list[int] = []  # indices into `actions` where a new chunk took over
 
     def result(self) -> dict:
         mine = self.records
@@ -99,6 +104,8 @@ class _Episode:
             "deadline_misses": int(sum(r.deadline_hit for r in mine)),
             "fallbacks": int(sum(r.fallback for r in mine)),
         }
+        if self.actions:
+            out.update(action_smoothness(np.stack(self.actions), self.boundaries))
         if self.coverage is not None:
             out["coverage"] = self.coverage
         if self.error is not None:
@@ -112,6 +119,11 @@ def aggregate(per_episode: list[dict]) -> dict[str, float]:
     done = [e for e in per_episode if "error" not in e]
     if not done:
         return {"n_episodes": 0, "n_errors": len(per_episode)}
+
+    def mean_of(key: str, reduce=np.mean) -> float | None:
+        values = [e[key] for e in done if e.get(key) is not None]
+        return float(reduce(values)) if values else None
+
     return {
         "n_episodes": len(done),
         "n_errors": len(per_episode) - len(done),
@@ -119,6 +131,9 @@ def aggregate(per_episode: list[dict]) -> dict[str, float]:
         "avg_sum_reward": float(np.mean([e["sum_reward"] for e in done])),
         "avg_max_reward": float(np.mean([e["max_reward"] for e in done])),
         "mean_score": float(np.mean([e["max_reward"] for e in done])),
+        "boundary_jump_mean": mean_of("boundary_jump_mean"),
+        "boundary_jump_max": mean_of("boundary_jump_max", np.max),
+        "jerk_mean": mean_of("jerk"),
     }
 
 
@@ -206,15 +221,20 @@ def rollout(
                 delay = int(delay_setting)
             delay = min(delay, future.shape[1] - n_act)
             actions = future[:, :n_act].copy()
+            first_new = np.zeros(size, dtype=int)  # the cycle step where the new chunk starts
             if delay > 0 and previous_future is not None:
                 held = ~new_episode
                 actions[held, :delay] = previous_future[held, n_act : n_act + delay]
+                first_new[held] = delay
             previous_future = future
             done_rows = np.zeros(size, dtype=bool)
             for k in range(n_act):
                 obs_k, reward, _, _, info = vector.step(actions[:, k])
                 for row in np.flatnonzero(live & ~done_rows):
                     episode = episodes[row]
+                    if k == first_new[row] and episode.actions:
+                        episode.boundaries.append(len(episode.actions))
+                    episode.actions.append(np.asarray(actions[row, k]))
                     episode.steps += 1
                     episode.sum_reward += float(reward[row])
                     score = _info_value(info, "score", row, reward[row])

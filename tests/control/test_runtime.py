@@ -61,6 +61,10 @@ def test_realtime_loop_keeps_the_slot_count(tiny_pusht_policy):
     stats = runtime.run(env, hz=50.0, seed=1)
     assert stats.steps == 20 and runtime.slot == 20 and stats.plans >= 1
     assert stats.max_period_error_ms >= 0.0
+    # every plan's latency reached the delay estimator, and the estimate is in control steps
+    assert runtime.delay.measured == stats.plans
+    last = max(1, -(-stats.records[-1].latency_ms // 20))  # 50 Hz: 20 ms per step
+    assert stats.delay_steps == runtime.delay.steps >= last
     env.close()
 
 

@@ -199,3 +199,30 @@ def test_eval_info_is_strict_json_when_a_statistic_is_undefined(tiny_pusht_polic
     saved = json.loads(text, parse_constant=refuse)  # NaN / Infinity would raise here
     diff = saved["compare"][1]["success_diff_vs_first"]
     assert diff["n"] == 1 and diff["ci95_low"] is None and diff["ci95_high"] is None
+
+
+def test_action_smoothness_measures_boundary_jumps_and_jerk():
+    from policy_accel.eval.smoothness import action_smoothness
+
+    actions = np.array([[0.0, 0], [1, 0], [2, 0], [5, 4], [6, 4], [7, 4]])
+    smooth = action_smoothness(actions, [3])
+    assert smooth["boundary_jump_mean"] == smooth["boundary_jump_max"] == 5.0  # |(3, 4)|
+    # third differences: (2, 4) - ... : a3 - 3a2 + 3a1 - a0 = (5-6+3-0, 4) = (2, 4), then (-4, -8)
+    # and (2, 4): squared norms 20, 80, 20
+    assert smooth["jerk"] == pytest.approx(40.0)
+    assert action_smoothness(actions[:3], [0])["boundary_jump_mean"] is None
+    assert action_smoothness(actions[:3], [])["jerk"] is None
+
+
+def test_eval_reports_boundary_jumps_where_each_new_chunk_takes_over(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)  # 12 steps
+    for delay in (0, 3):
+        executed = _executed(config, tiny_pusht_policy, delay)
+        run = rollout(config, config.sampler, policy=tiny_pusht_policy)
+        episode = run["per_episode"][0]
+        boundaries = [8 + delay]  # 8-action chunks: the second one takes over after the delay
+        jumps = [np.linalg.norm(executed[b] - executed[b - 1]) for b in boundaries]
+        assert episode["boundary_jump_mean"] == pytest.approx(np.mean(jumps), rel=1e-5)
+        assert episode["boundary_jump_max"] == pytest.approx(np.max(jumps), rel=1e-5)
+        assert episode["jerk"] > 0
+        assert run["aggregated"]["boundary_jump_mean"] == pytest.approx(np.mean(jumps), rel=1e-5)
