@@ -112,14 +112,23 @@ class Controller:
         else:
             self.history.append(step)
 
-    def replan(self, history: Any = None, executed: int | None = None) -> Plan:
+    def replan(
+        self, history: Any = None, executed: int | None = None, committed: Any = None
+    ) -> Plan:
         """Plan from ``history`` (a stacked snapshot ``{key: (n_obs_steps, ...)}``; default:
         the Controller's own) given ``executed`` actions since the previous plan's observation
-        (default: as counted by :meth:`act`); the chunk replaces the queue. The asynchronous
-        runtime calls this from its planning thread with its own snapshot."""
+        (default: as counted by :meth:`act`); the chunk replaces the queue. ``committed [d,
+        Da]``: the actions the robot executes from this observation on while the plan is in
+        flight, inpainted so the chunk continues them (real-time chunking; the chunk still
+        starts at this observation's step). The asynchronous runtime calls this from its
+        planning thread with its own snapshot."""
         stacked = self.history.stacked() if history is None else history
         shift = self._executed_since_plan if executed is None else int(executed)
-        plan = self.planner.plan(_one_row(stacked, self.policy), [self.row], [shift])
+        if committed is not None:
+            committed = np.asarray(committed, dtype=np.float32)[None]
+        plan = self.planner.plan(
+            _one_row(stacked, self.policy), [self.row], [shift], committed=committed
+        )
         self.queue = deque(plan.chunk)
         self._executed_since_plan = 0
         self.records.append(plan.record)

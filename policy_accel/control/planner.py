@@ -131,6 +131,13 @@ class Plan:
         return self.records[0]
 
 
+def _committed_counts(committed: np.ndarray | None, rows: int) -> list[int]:
+    if committed is None:
+        return [0] * rows
+    known = np.isfinite(np.asarray(committed, dtype=np.float64)).all(axis=-1)
+    return [int(k.sum()) for k in known]
+
+
 class Planner:
     """Plans B rows of one policy with one sampler configuration.
 
@@ -192,10 +199,17 @@ class Planner:
         )
 
     def plan(
-        self, obs: dict[str, np.ndarray], rows: Sequence[RowState], shifts: int | Sequence[int]
+        self,
+        obs: dict[str, np.ndarray],
+        rows: Sequence[RowState],
+        shifts: int | Sequence[int],
+        committed: np.ndarray | None = None,
     ) -> Plan:
         """One batched replan of ``rows`` from their stacked histories ``obs`` (``{key: [B,
         n_obs_steps, ...]}``), each ``shifts[r]`` executed actions after its previous replan.
+        ``committed [B, d, Da]`` (environment units, NaN where a row is free): actions the rows
+        execute while this plan is in flight, inpainted into the sample so the chunk continues
+        them (:meth:`~policy_accel.policies.base.Policy.problem`).
         Updates each row's state; a plan that raises leaves the rows' warm starts as they were
         (their generators may have advanced: callers that must be exact restore them)."""
         start = time.perf_counter()
@@ -218,6 +232,7 @@ class Planner:
             noise=torch.cat([d[1] for d in draws], dim=1).to(device),
             scheduler=self.scheduler,
             num_inference_steps=self.num_steps,
+            committed=committed,
         )
         init = None
         if any(warm):
@@ -262,8 +277,11 @@ class Planner:
                 fallback=fallback,
                 shift=shift if is_warm else 0,
                 jacobians=estimated is not None,
+                committed=held,
             )
-            for shift, is_warm in zip(shifts, warm, strict=True)
+            for shift, is_warm, held in zip(
+                shifts, warm, _committed_counts(committed, len(rows)), strict=True
+            )  # fmt: skip
         )
         return Plan(actions, future, records, result, problem, obs)
 

@@ -23,6 +23,7 @@ class PlanRecord:
         fallback: the chunk came from the fallback sampler.
         shift: executed actions since the row's previous replan (0 when cold).
         jacobians: the solver started from a Jacobian estimate measured off the critical path.
+        committed: actions inpainted as committed (executed while the plan was in flight).
     """
 
     latency_ms: float
@@ -35,6 +36,7 @@ class PlanRecord:
     fallback: bool = False
     shift: int = 0
     jacobians: bool = False
+    committed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,6 +38,7 @@ from policy_accel.control.history import ObservationHistory
 from policy_accel.control.records import PlanRecord
 
 MERGES = ("latest", "average")
+TRANSITIONS = ("naive", "inpaint")
 
 
 def wait_until(deadline: float, spin_s: float = 1e-3) -> None:
@@ -75,6 +76,9 @@ class AsyncController:
         merge_weight: weight of the new chunk in ``"average"`` merges.
         trigger_steps: start the next plan when at most this many future actions are queued
             (default: half the chunk).
+        transition: ``"naive"`` or ``"inpaint"``: each plan inpaints the queued actions the
+            robot will execute while it is in flight (as many as :attr:`delay` expects), so the
+            new chunk continues them (real-time chunking without retraining).
     """
 
     def __init__(
@@ -83,9 +87,13 @@ class AsyncController:
         merge: str = "latest",
         merge_weight: float = 0.5,
         trigger_steps: int | None = None,
+        transition: str = "naive",
     ) -> None:
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {list(MERGES)}, got {merge!r}.")
+        if transition not in TRANSITIONS:
+            raise ValueError(f"transition must be one of {list(TRANSITIONS)}, got {transition!r}.")
+        self.transition = transition
         if not 0.0 < merge_weight <= 1.0:
             raise ValueError(f"merge_weight must be in (0, 1], got {merge_weight!r}.")
         self.controller = controller
@@ -132,15 +140,33 @@ class AsyncController:
         slot = self.slot
         executed = 0 if self._last_plan_slot is None else slot - self._last_plan_slot
         self._last_plan_slot = slot
+        committed = self._committed(slot) if self.transition == "inpaint" else None
         self._thread = threading.Thread(
-            target=self._plan, args=(snapshot, slot, executed), name="policy-planner", daemon=True
+            target=self._plan,
+            args=(snapshot, slot, executed, committed),
+            name="policy-planner",
+            daemon=True,
         )
         self._thread.start()
         return True
 
-    def _plan(self, snapshot: Any, slot: int, executed: int) -> None:
+    def _committed(self, slot: int) -> np.ndarray | None:
+        """The queued actions for ``slot`` on that the robot executes while a plan started now
+        is in flight (the delay estimate, at most what is queued and what the chunk holds)."""
+        expected = 0 if self.delay is None else self.delay.steps
+        policy = self.controller.policy
+        room = policy.event_shape[policy.horizon_axis] - policy.action_start
+        with self._lock:
+            actions = []
+            for target in range(slot, slot + min(expected, room)):
+                if target not in self.timeline:
+                    break
+                actions.append(self.timeline[target])
+        return np.stack(actions) if actions else None
+
+    def _plan(self, snapshot: Any, slot: int, executed: int, committed=None) -> None:
         try:
-            plan = self.controller.replan(history=snapshot, executed=executed)
+            plan = self.controller.replan(history=snapshot, executed=executed, committed=committed)
             if self.delay is not None:
                 self.delay.record(plan.record.latency_ms / 1e3)
             self._merge(plan.chunk, slot, plan.record)

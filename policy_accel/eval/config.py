@@ -37,9 +37,13 @@ class EnvConfig:
 @dataclass
 class RuntimeConfig:
     inference_delay_steps: int | str = 0
+    transition: str = "naive"  # or "inpaint": the replan continues the actions it is committed to
     control_hz: float = 10.0
     threads: int = 1
     vector: str = "async"
+
+
+TRANSITIONS = ("naive", "inpaint")
 
 
 @dataclass
@@ -67,6 +71,11 @@ class EvalConfig:
         if delay != "auto" and not (isinstance(delay, int) and delay >= 0):
             raise ValueError(
                 f"runtime.inference_delay_steps must be a non-negative int or 'auto', got {delay!r}"
+            )
+        if self.runtime.transition not in TRANSITIONS:
+            raise ValueError(
+                f"runtime.transition must be one of {list(TRANSITIONS)}, got "
+                f"{self.runtime.transition!r}"
             )
         if self.runtime.vector not in ("async", "sync"):
             raise ValueError(

@@ -10,7 +10,11 @@ the previous chunk for ``k`` steps while the replan is "in flight", as it would 
 cycle executes the previous plan's actions ``n .. n+k-1`` and then the new plan's actions
 ``k .. n-1`` (``n`` = n_action_steps; the first plan of an episode has nothing to hold and runs
 undelayed). ``"auto"`` sets ``k = ceil(latency * control_hz)`` from each replan's measured latency
-(the batched call's: use ``eval.batch_size=1`` for a single robot's latency).
+(the batched call's: use ``eval.batch_size=1`` for a single robot's latency). With
+``runtime.transition="inpaint"`` the held actions are inpainted into the replan (committed-prefix
+inpainting, real-time chunking without retraining), so the new chunk continues them; with
+``"auto"`` the replan inpaints as many as a :class:`~policy_accel.control.delay.DelayEstimator`
+of the latencies so far expects (a slower plan than expected holds old actions beyond them).
 
 Outputs: ``<output_dir>/<date>/<time>_<name>/eval_info.json`` (aggregates with DiffusionPolicy /
 LeRobot names, ``per_episode``, per-replan latency percentiles, rounds, model evaluations, and per
@@ -36,6 +40,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 import envs
 from policy_accel.control.batch import BatchController
 from policy_accel.control.controller import latency_stats
+from policy_accel.control.delay import DelayEstimator
 from policy_accel.eval.config import EvalConfig, SamplerConfig
 from policy_accel.eval.guard import EpisodeGuard
 from policy_accel.eval.smoothness import action_smoothness
@@ -103,6 +108,7 @@ class _Episode:
             "latency_ms_p50": float(np.median([r.latency_ms for r in mine])) if mine else 0.0,
             "deadline_misses": int(sum(r.deadline_hit for r in mine)),
             "fallbacks": int(sum(r.fallback for r in mine)),
+            "committed_actions": int(sum(r.committed for r in mine)),
         }
         if self.actions:
             out.update(action_smoothness(np.stack(self.actions), self.boundaries))
@@ -155,6 +161,8 @@ def rollout(
     controller = BatchController(policy, seeds[:size], sampler, noise_seed=config.eval.noise_seed)
     n_act = controller.n_action_steps
     delay_setting = config.runtime.inference_delay_steps
+    inpaint = config.runtime.transition == "inpaint"
+    delays = DelayEstimator(1.0 / config.runtime.control_hz)
     pending = list(seeds)
     episodes: list[_Episode | None] = [None] * size
     finished: list[dict] = []
@@ -210,12 +218,22 @@ def rollout(
                 continue
             if new_episode.any():
                 controller.start_rows(obs, new_episode)
-            plan = controller.plan(new_episode, executed)
+            committed = None
+            if inpaint and previous_future is not None:
+                # what the robot will execute while this replan is in flight: the delay
+                # expected before the plan (measured latencies so far, or the fixed setting)
+                expected = delays.steps if delay_setting == "auto" else int(delay_setting)
+                expected = min(expected, previous_future.shape[1] - n_act)
+                if expected > 0:
+                    committed = previous_future[:, n_act : n_act + expected].copy()
+                    committed[new_episode] = np.nan
+            plan = controller.plan(new_episode, executed, committed=committed)
             future = plan.future
             for row in np.flatnonzero(live):
                 episodes[row].records.append(plan.records[row])
+            latency_s = plan.record.latency_ms / 1e3
+            delays.record(latency_s)
             if delay_setting == "auto":
-                latency_s = plan.record.latency_ms / 1e3
                 delay = math.ceil(latency_s * config.runtime.control_hz)
             else:
                 delay = int(delay_setting)

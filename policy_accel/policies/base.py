@@ -176,20 +176,30 @@ class Policy(ABC):
         generator: torch.Generator | None = None,
         scheduler: Any = None,
         num_inference_steps: int | None = None,
+        committed: Tensor | np.ndarray | None = None,
     ) -> DenoisingProblem:
         """The denoising problem of this observation batch (normalized units): the policy's
         scheduler (or ``scheduler``) at ``num_inference_steps``, noise from ``x_T``/``noise`` or
         drawn from ``generator`` in the sequential loop's order, and for inpainting policies
-        the known values masked into the trajectory's last channels for the first steps."""
+        the known values masked into the trajectory's last channels for the first steps.
+
+        ``committed [B, d, Da]`` (environment units; NaN: not committed) are actions the robot
+        executes whatever this plan says, e.g. while the replan is in flight: they are inpainted
+        into the sample's action channels from :attr:`action_start` on, as DiffusionPolicy
+        inpaints (the known values written into the trajectory before every step and into the
+        result), so the chunk continues them. Every solver handles the mask exactly."""
         conditioning = self.conditioning(obs)
         shape = self.sample_shape(conditioning.batch)
         mask = cond_data = None
-        if conditioning.known is not None:
-            steps, channels = conditioning.known.shape[1], conditioning.known.shape[2]
+        if conditioning.known is not None or committed is not None:
             cond_data = torch.zeros(shape, device=self.device)
             mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        if conditioning.known is not None:
+            steps, channels = conditioning.known.shape[1], conditioning.known.shape[2]
             cond_data[:, :steps, -channels:] = conditioning.known
             mask[:, :steps, -channels:] = True
+        if committed is not None:
+            self._inpaint_committed(torch.as_tensor(committed), cond_data, mask)
         denoiser = ConditionedDenoiser(
             conditioning.network, conditioning.context, conditioning.batch
         )
@@ -205,6 +215,31 @@ class Policy(ABC):
             cond_data=cond_data,
             device=self.device,
         )
+
+    def _inpaint_committed(self, committed: Tensor, cond_data: Tensor, mask: Tensor) -> None:
+        batch, steps = cond_data.shape[0], cond_data.shape[1]
+        room = steps - self.action_start
+        if (
+            committed.dim() != 3
+            or committed.shape[0] != batch
+            or committed.shape[2] != (self.action_dim)
+        ):
+            raise ValueError(
+                f"committed actions must have shape [{batch}, d, {self.action_dim}] (rows, "
+                f"steps, action_dim). Got {tuple(committed.shape)}."
+            )
+        if committed.shape[1] > room:
+            raise ValueError(
+                f"{committed.shape[1]} committed actions do not fit the {room} actions this "
+                "policy samples from the current step on."
+            )
+        committed = committed.to(device=self.device, dtype=torch.float32)
+        known = torch.isfinite(committed).all(dim=-1, keepdim=True)  # [B, d, 1]
+        values = self.normalize_action(torch.where(known, committed, torch.zeros_like(committed)))
+        window = slice(self.action_start, self.action_start + committed.shape[1])
+        channels = slice(0, self.action_dim)
+        cond_data[:, window, channels] = torch.where(known, values, cond_data[:, window, channels])
+        mask[:, window, channels] |= known.expand_as(values)
 
     def decode(self, x0: Tensor) -> dict[str, Tensor]:
         """``action`` (``[B, n_action_steps, Da]``, from :attr:`action_start`) and

@@ -138,3 +138,56 @@ def test_eval_drives_every_kind(kind_policy, tmp_path):
     assert warm == (
         0.0 if getattr(policy, "pred_action_steps_only", False) else pytest.approx(2 / 3)
     )
+
+
+@pytest.mark.parametrize("method", ["picard", "chord"])
+def test_committed_actions_are_inpainted_for_every_kind(kind_policy, method):
+    """Real-time chunking without retraining: the actions executed while a replan is in flight
+    are inpainted into the new chunk, whose first entries then equal them, and the parallel
+    solver still equals sequential sampling of the same inpainted problem."""
+    kind, policy = kind_policy
+    sampler = SamplerConfig(method=method, options={"tolerance": 1e-6}, num_inference_steps=8)
+    controller = Controller(policy, sampler, n_action_steps=executed(policy), seed=3)
+    observations = steps_of(policy, seed=4, count=2)
+    controller.observe(observations[0])
+    first = controller.replan()
+    controller.observe(observations[1])
+    delay = 2
+    committed = first.future[0, 1 : 1 + delay]  # the old chunk's actions for the next steps
+    plan = controller.replan(executed=1, committed=committed)
+    assert plan.record.committed == delay
+    np.testing.assert_allclose(plan.future[0, :delay], committed, atol=1e-4)
+    assert_exact(policy, plan, controller.planner.reference(plan))
+    free = np.full_like(committed, np.nan)
+    free[0] = committed[0]  # only one committed action: the rest is sampled
+    partial = controller.replan(executed=0, committed=free)
+    assert partial.record.committed == 1
+    np.testing.assert_allclose(partial.future[0, 0], committed[0], atol=1e-4)
+
+
+def test_committed_actions_of_the_wrong_shape_are_refused(kind_policy):
+    kind, policy = kind_policy
+    controller = Controller(policy, EXACT, n_action_steps=executed(policy), seed=3)
+    controller.observe(steps_of(policy, seed=4, count=1)[0])
+    with pytest.raises(ValueError, match=r"committed actions must have shape \[1, d, "):
+        controller.replan(committed=np.zeros((2, policy.action_dim + 1)))
+    with pytest.raises(ValueError, match="do not fit the"):
+        controller.replan(committed=np.zeros((100, policy.action_dim)))
+
+
+def test_the_default_sampler_drives_every_kind(kind_policy):
+    """The Controller's default (warm chord) takes every kind, inpainting policies' wide events
+    (observation channels in the sample) included."""
+    kind, policy = kind_policy
+    n = executed(policy)
+    controller = Controller(policy, SamplerConfig(num_inference_steps=8), n_action_steps=n, seed=1)
+    plans = []
+    for obs in steps_of(policy, seed=2, count=2 * n + 1):
+        step = controller.step(obs)
+        plans += [step.plan] if step.plan is not None else []
+    assert [p.record.method for p in plans] == ["chord"] * 3
+    assert [p.record.warm for p in plans] == [False, True, True]
+    for plan in plans:
+        reference = controller.planner.reference(plan)
+        error = np.abs(normalized(policy, plan.actions) - normalized(policy, reference)).max()
+        assert error <= 1e-2, error

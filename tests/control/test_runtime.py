@@ -88,3 +88,25 @@ def test_bad_merge_settings_are_refused(tiny_pusht_policy):
         _async(tiny_pusht_policy, merge="median")
     with pytest.raises(ValueError, match="merge_weight"):
         _async(tiny_pusht_policy, merge="average", merge_weight=0.0)
+
+
+def test_inpainted_transitions_continue_the_queued_actions(tiny_pusht_policy):
+    from policy_accel.control import DelayEstimator
+
+    runtime = _async(tiny_pusht_policy, transition="inpaint")
+    env = envs.make("pusht")
+    obs, _ = env.reset(seed=0)
+    runtime.observe(obs)
+    queued = np.array([[100.0, 200.0], [110.0, 210.0], [120.0, 220.0]])
+    runtime._merge(queued, slot=0)  # what the robot executes next
+    runtime.delay = DelayEstimator(0.1, initial_steps=2)  # the plan will take two steps
+    assert runtime.submit()
+    runtime.wait_for_plan()
+    record = runtime.stats.records[-1]
+    assert record.committed == 2
+    np.testing.assert_allclose(runtime.timeline[0], queued[0], atol=1e-3)
+    np.testing.assert_allclose(runtime.timeline[1], queued[1], atol=1e-3)
+    assert not np.allclose(runtime.timeline[2], queued[2])  # the new chunk takes over here
+    env.close()
+    with pytest.raises(ValueError, match="transition must be one of"):
+        _async(tiny_pusht_policy, transition="blend")

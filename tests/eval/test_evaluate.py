@@ -226,3 +226,23 @@ def test_eval_reports_boundary_jumps_where_each_new_chunk_takes_over(tiny_pusht_
         assert episode["boundary_jump_max"] == pytest.approx(np.max(jumps), rel=1e-5)
         assert episode["jerk"] > 0
         assert run["aggregated"]["boundary_jump_mean"] == pytest.approx(np.mean(jumps), rel=1e-5)
+
+
+def test_inpainted_transitions_continue_the_held_actions(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    naive = _executed(config, tiny_pusht_policy, 3)
+    config.runtime.transition = "inpaint"
+    inpainted = _executed(config, tiny_pusht_policy, 3)
+    np.testing.assert_array_equal(naive[:11], inpainted[:11])  # the same held actions 8..10
+    assert not np.allclose(naive[11:], inpainted[11:])  # the replan continued them
+    run = rollout(config, config.sampler, policy=tiny_pusht_policy)
+    assert run["per_episode"][0]["committed_actions"] == 3
+    config.runtime.transition = "naive"
+    assert (
+        rollout(config, config.sampler, policy=tiny_pusht_policy)["per_episode"][0][
+            "committed_actions"
+        ]
+        == 0
+    )
+    with pytest.raises(ValueError, match="runtime.transition must be one of"):
+        eval_config_from_dict({"runtime": {"transition": "smooth"}})

@@ -53,14 +53,16 @@ class ChordOptions(WindowOptions):
     secant: Broyden-update the linear part from every round's change of ``F``.
     reset_growth: a round's change growing this many times over the last one drops the
         estimate and the updates (``None``: never).
-    max_event_size: the largest event whose ``E x E`` matrices are formed.
+    max_event_size: the largest event whose ``E x E`` matrices are formed (512 holds every
+        DiffusionPolicy action chunk, inpainting policies' observation channels included, e.g.
+        16 x 22 on PushT; one row's matrices then take up to 105 MB over 100 steps).
     """
 
     tolerance: float = 0.002
     jacobians: Jacobians | None = None
     secant: bool = True
     reset_growth: float | None = 4.0
-    max_event_size: int = 256
+    max_event_size: int = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
