@@ -79,6 +79,7 @@ class Controller:
         self.queue: deque[np.ndarray] = deque()
         self.row.forget()
         self._executed_since_plan = 0
+        self.last_plan: Plan | None = None  # this episode's latest plan
 
     def step(self, obs: Any) -> ControlStep:
         """One control step: record ``obs``, replan if the queue is empty, return the action and
@@ -95,12 +96,13 @@ class Controller:
         """One control step: the action to execute now (see :meth:`step`)."""
         return self.step(obs).action
 
-    def plan(self, obs: Any) -> Plan:
+    def plan(self, obs: Any, executed: int | None = None, committed: Any = None) -> Plan:
         """Record ``obs`` and replan now; the new chunk (``plan.chunk``, ``(n_action_steps,
-        action_dim)``) replaces the queue."""
+        action_dim)``) replaces the queue. ``executed`` and ``committed`` as in
+        :meth:`replan`."""
         with self._transaction():
             self.observe(obs)
-            return self.replan()
+            return self.replan(executed=executed, committed=committed)
 
     def observe(self, obs: Any) -> None:
         """Add ``obs`` to the history (the first after a reset fills it), validated first: a
@@ -132,6 +134,7 @@ class Controller:
         self.queue = deque(plan.chunk)
         self._executed_since_plan = 0
         self.records.append(plan.record)
+        self.last_plan = plan
         return plan
 
     def reference(self, plan: Plan) -> np.ndarray:

@@ -23,6 +23,12 @@ Protocol (that of openpi's ``WebsocketPolicyServer``, so ``openpi_client``'s
    with a text frame and also leaves the Controller as it was. openpi's client raises
    ``RuntimeError`` on a text reply; ours raises ``ServerError``.
 
+Timing keys (optional, for real-time clients): ``"__executed__": k``, the actions of the last
+reply executed before this observation's step (the warm start's shift; default: as a lockstep
+client, none counted), and ``"__committed__": c``, the further actions of the last reply the
+robot executes while this request is planned: they are inpainted into the new chunk, which then
+continues them (real-time chunking; the reply's ``policy_timing.committed`` says how many).
+
 Reset. A new connection is a new episode: a fresh Controller (empty history, generator seeded with
 ``seed``, so a connection's chunks equal a local ``Controller(policy, ..., seed=seed)``'s). The
 reserved key ``"__reset__": True`` resets the connection's Controller (its generator continues
@@ -89,6 +95,8 @@ from policy_accel.policies.loading import load_policy
 logger = logging.getLogger(__name__)
 
 RESET_KEY = wire.RESET_KEY
+EXECUTED_KEY = wire.EXECUTED_KEY
+COMMITTED_KEY = wire.COMMITTED_KEY
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 32
@@ -222,6 +230,8 @@ class PolicyServer:
             "scheduler": type(controller.planner.scheduler).__name__,
             "seed": seed,
             "reset_key": RESET_KEY,
+            "executed_key": EXECUTED_KEY,
+            "committed_key": COMMITTED_KEY,
             "max_message_bytes": self.max_message_bytes,
         }
         self._metadata_frame = wire.pack(self.metadata)
@@ -440,8 +450,9 @@ class PolicyServer:
             except FutureTimeout:
                 continue
 
-    def _parse(self, message: bytes | str) -> tuple[bool, dict[str, np.ndarray] | None]:
-        """(reset?, observation or None) of a request, or a RequestError (a worker's job)."""
+    def _parse(self, message: bytes | str) -> tuple[bool, dict[str, np.ndarray] | None, dict]:
+        """(reset?, observation or None, {executed, committed} counts) of a request, or a
+        RequestError (a worker's job)."""
         if isinstance(message, str):
             raise RequestError(
                 "got a text frame; send each request as a binary msgpack frame "
@@ -466,20 +477,21 @@ class PolicyServer:
         reset = payload.pop(RESET_KEY, False)
         if not isinstance(reset, bool):
             raise RequestError(f"{RESET_KEY!r} must be true or false, got {type(reset).__name__}.")
+        timing = {key: _count(payload.pop(key, None), key) for key in (EXECUTED_KEY, COMMITTED_KEY)}
         if not payload:
             if reset:
-                return True, None
+                return True, None, timing
             raise RequestError(
                 f"empty request; send {describe_spec(self.policy.observation_spec)} or "
                 f"{{{RESET_KEY!r}: True}}."
             )
-        return reset, check_request(payload, self.policy)
+        return reset, check_request(payload, self.policy), timing
 
     def _respond(
         self, controller: Controller, message: bytes | str, prev_total_ms: float | None
     ) -> dict[str, Any]:
         try:
-            reset, observation = self._wait(
+            reset, observation, timing = self._wait(
                 self._decoders.submit(self._parse, message), self.request_timeout_s
             )
         except TimeoutError as error:
@@ -488,7 +500,9 @@ class PolicyServer:
                 "send one observation step (a map of arrays)."
             ) from error
         start = time.perf_counter()
-        chunk, record = self._wait(self._plans.submit(_step, controller, reset, observation))
+        chunk, record = self._wait(
+            self._plans.submit(_step, controller, reset, observation, timing)
+        )
         if chunk is None:
             return {"reset": True}
         server_timing = {"infer_ms": (time.perf_counter() - start) * 1e3}
@@ -505,6 +519,7 @@ class PolicyServer:
                 "warm": record.warm,
                 "deadline_hit": record.deadline_hit,
                 "fallback": record.fallback,
+                "committed": record.committed,
             },
         }
         if reset:
@@ -516,15 +531,41 @@ class _Stopping(Exception):
     """The server is stopping while a connection waits for a worker."""
 
 
-def _step(controller: Controller, reset: bool, observation: dict[str, np.ndarray] | None):
+def _step(
+    controller: Controller,
+    reset: bool,
+    observation: dict[str, np.ndarray] | None,
+    timing: dict | None = None,
+):
     """A worker thread's job: reset and/or plan; ``(None, None)`` when there was nothing to
-    plan, else the chunk and its record."""
+    plan, else the chunk and its record. ``timing``: the request's executed and committed
+    counts (the warm start's shift; the last reply's actions to inpaint)."""
     if reset:
         controller.reset()
     if observation is None:
         return None, None
-    plan = controller.plan(observation)
+    timing = timing or {}
+    executed, count = timing.get(EXECUTED_KEY), timing.get(COMMITTED_KEY)
+    last = controller.last_plan
+    committed = None
+    if count and last is not None and not reset:
+        start = executed or 0
+        committed = last.future[0, start : start + count]
+        committed = committed if len(committed) else None
+    plan = controller.plan(observation, executed=executed, committed=committed)
     return plan.chunk, plan.record
+
+
+def _count(value, key: str) -> int | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not 0 <= value <= 4096
+    ):
+        raise RequestError(f"{key!r} must be an int between 0 and 4096, got {value!r}.")
+    return int(value)
 
 
 def _is_loopback(host: str) -> bool:

@@ -31,6 +31,8 @@ from policy_accel.messages import preview, shorten
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 # the request key that resets a server connection's episode (a protocol constant both sides share)
 RESET_KEY = "__reset__"
+EXECUTED_KEY = "__executed__"  # actions of the last reply executed before this observation
+COMMITTED_KEY = "__committed__"  # further actions of it executed while this request is planned
 MAX_DEPTH = 32
 REFUSED_DTYPE_KINDS = {"O": "object", "V": "void/structured", "c": "complex"}
 ARRAY_MARKER = b"__ndarray__"

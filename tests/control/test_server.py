@@ -509,3 +509,27 @@ def test_sigterm_stops_the_server_within_a_second_even_mid_plan(tmp_path):
     finally:
         process.kill()
         process.communicate()
+
+
+def test_a_request_says_what_was_executed_and_committed_since_the_last_reply(
+    tiny_pusht_policy, picard_server
+):
+    from policy_accel.control.wire import COMMITTED_KEY, EXECUTED_KEY
+
+    local = Controller(tiny_pusht_policy, **PICARD)
+    first_obs, second_obs = observations(7, 2)
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        assert client.metadata["executed_key"] == EXECUTED_KEY
+        first = client.infer({"obs": first_obs})
+        reply = client.infer({"obs": second_obs, EXECUTED_KEY: 2, COMMITTED_KEY: 3})
+        assert reply["policy_timing"]["committed"] == 3
+        # the new chunk continues the three actions the robot executes while it is planned
+        np.testing.assert_allclose(reply["actions"][:3], first["actions"][2:5], atol=1e-3)
+        local.plan(first_obs)
+        expected = local.plan(second_obs, executed=2, committed=local.last_plan.future[0, 2:5])
+        np.testing.assert_array_equal(reply["actions"], expected.chunk)
+        assert expected.record.shift == 2
+        with pytest.raises(ServerError, match="'__committed__' must be an int between 0 and 4096"):
+            client.infer({"obs": second_obs, COMMITTED_KEY: -1})
+        ok = client.infer({"obs": second_obs})  # a refused request changed nothing
+        assert ok["policy_timing"]["committed"] == 0
