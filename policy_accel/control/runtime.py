@@ -61,6 +61,8 @@ class RunStats:
     max_period_error_ms: float = 0.0
     total_reward: float = 0.0
     delay_steps: int = 0  # the estimated inference delay at the end (DelayEstimator)
+    actions: list = field(default_factory=list)  # executed, in order (simulate)
+    boundaries: list = field(default_factory=list)  # steps where a plan's chunk took over
     success: bool = False
     info: dict = field(default_factory=dict)
     records: list[PlanRecord] = field(default_factory=list)  # one per plan, in arrival order
@@ -150,10 +152,12 @@ class AsyncController:
         self._thread.start()
         return True
 
-    def _committed(self, slot: int) -> np.ndarray | None:
+    def _committed(self, slot: int, expected: int | None = None) -> np.ndarray | None:
         """The queued actions for ``slot`` on that the robot executes while a plan started now
-        is in flight (the delay estimate, at most what is queued and what the chunk holds)."""
-        expected = 0 if self.delay is None else self.delay.steps
+        is in flight (``expected`` steps, default the delay estimate; at most what is queued and
+        what the chunk holds)."""
+        if expected is None:
+            expected = 0 if self.delay is None else self.delay.steps
         policy = self.controller.policy
         room = policy.event_shape[policy.horizon_axis] - policy.action_start
         with self._lock:
@@ -221,6 +225,77 @@ class AsyncController:
             action = self._last_action
         self._last_action = action
         return action
+
+    def simulate(
+        self,
+        env: Any,
+        hz: float,
+        max_steps: int | None = None,
+        seed: int | None = None,
+        delay_steps: int | None = None,
+    ) -> RunStats:
+        """One episode in simulated real time: the env keeps moving while a replan is in
+        flight. Each replan is computed when the queue runs low and its chunk arrives
+        ``delay_steps`` control steps later (default: its measured latency at ``hz``, rounded
+        up), so the robot executes the old chunk meanwhile (starving, holding its last action,
+        if that runs out). Deterministic for a fixed ``delay_steps`` (no threads, no sleeps).
+        ``RunStats.actions`` and ``boundaries`` (the steps where a chunk took over) feed
+        :func:`~policy_accel.eval.smoothness.action_smoothness`."""
+        if not hz > 0:
+            raise ValueError(f"hz must be positive, got {hz!r}.")
+        if delay_steps is not None and (
+            isinstance(delay_steps, bool) or not isinstance(delay_steps, int) or delay_steps < 0
+        ):
+            raise ValueError(
+                f"delay_steps must be a non-negative int or None, got {delay_steps!r}."
+            )
+        period = 1.0 / hz
+        self.reset()
+        self.delay = DelayEstimator(period)
+        obs, _ = env.reset(seed=seed)
+        self.observe(obs)
+        in_flight = self._simulated_plan(0, delay_steps, period)
+        self._arrive(in_flight)  # the robot cannot move before its first chunk
+        in_flight = None
+        limit = max_steps if max_steps is not None else getattr(env, "max_episode_steps", 10**9)
+        info: dict = {}
+        for _ in range(limit):
+            if in_flight is not None and in_flight[0] <= self.slot:
+                self._arrive(in_flight)
+                in_flight = None
+            action = self.next_action()
+            self.stats.actions.append(np.asarray(action))
+            obs, reward, terminated, truncated, info = env.step(action)
+            self.stats.steps += 1
+            self.stats.total_reward += float(reward)
+            if terminated or truncated:
+                break
+            self.observe(obs)
+            if in_flight is None and self.queued() <= self.trigger_steps:
+                in_flight = self._simulated_plan(self.slot, delay_steps, period)
+        self.stats.delay_steps = self.delay.steps
+        self.stats.success = bool(info.get("is_success", False))
+        self.stats.info = {k: v for k, v in info.items() if np.isscalar(v)}
+        return self.stats
+
+    def _simulated_plan(self, slot: int, delay_steps: int | None, period: float) -> tuple:
+        executed = 0 if self._last_plan_slot is None else slot - self._last_plan_slot
+        self._last_plan_slot = slot
+        inpaint = self.transition == "inpaint"
+        committed = self._committed(slot, delay_steps) if inpaint else None
+        plan = self.controller.replan(
+            history=self.history.stacked(), executed=executed, committed=committed
+        )
+        latency_s = plan.record.latency_ms / 1e3
+        self.delay.record(latency_s)
+        delay = self.delay.steps_of(latency_s) if delay_steps is None else delay_steps
+        return slot + delay, plan, slot
+
+    def _arrive(self, in_flight: tuple) -> None:
+        _, plan, slot = in_flight
+        if self.stats.actions:
+            self.stats.boundaries.append(len(self.stats.actions))
+        self._merge(plan.chunk, slot, plan.record)
 
     def run(
         self,

@@ -110,3 +110,28 @@ def test_inpainted_transitions_continue_the_queued_actions(tiny_pusht_policy):
     env.close()
     with pytest.raises(ValueError, match="transition must be one of"):
         _async(tiny_pusht_policy, transition="blend")
+
+
+@pytest.mark.parametrize("transition", ["naive", "inpaint"])
+def test_simulated_real_time_keeps_the_env_moving_while_a_replan_is_in_flight(
+    tiny_pusht_policy, transition
+):
+    env = envs.make("pusht", max_episode_steps=40)
+    runtime = _async(tiny_pusht_policy, transition=transition)  # replans when 4 of 8 are left
+    stats = runtime.simulate(env, hz=10.0, seed=0, delay_steps=2)
+    assert stats.steps == 40 == len(stats.actions) and stats.starved == 0
+    # every later plan starts with 4 actions queued and takes over 2 steps later: the chunk
+    # planned at slot 4 runs from slot 6 (its first two entries were executed from the old one)
+    assert stats.boundaries[0] == 4 + 2 and np.all(np.diff(stats.boundaries) == 4)
+    later = stats.records[1:]
+    assert all(r.warm and r.shift == 4 for r in later)
+    assert all(r.committed == (2 if transition == "inpaint" else 0) for r in later)
+    slow = runtime.simulate(env, hz=10.0, seed=0, delay_steps=6)  # longer than the queue
+    assert slow.starved > 0  # the queue ran dry: the last action was held
+    again = _async(tiny_pusht_policy, transition=transition).simulate(
+        env, hz=10.0, seed=0, delay_steps=2
+    )
+    np.testing.assert_allclose(np.stack(again.actions), np.stack(stats.actions), atol=1e-4)
+    with pytest.raises(ValueError, match="delay_steps must be a non-negative int"):
+        runtime.simulate(env, hz=10.0, delay_steps=-1)
+    env.close()
