@@ -14,7 +14,9 @@ undelayed). ``"auto"`` sets ``k = ceil(latency * control_hz)`` from each replan'
 ``runtime.transition="inpaint"`` the held actions are inpainted into the replan (committed-prefix
 inpainting, real-time chunking without retraining), so the new chunk continues them; with
 ``"auto"`` the replan inpaints as many as a :class:`~policy_accel.control.delay.DelayEstimator`
-of the latencies so far expects (a slower plan than expected holds old actions beyond them).
+of the latencies so far expects (a slower plan than expected holds old actions beyond them). A
+delay beyond what the previous chunk holds counts its excess as ``starved_steps`` (a robot would
+have had no fresh action; the engine executes the chunk's last ones).
 
 Outputs: ``<output_dir>/<date>/<time>_<name>/eval_info.json`` (aggregates with DiffusionPolicy /
 LeRobot names, ``per_episode``, per-replan latency percentiles, rounds, model evaluations, and per
@@ -92,6 +94,7 @@ class _Episode:
         self.steps = 0
         self.error: str | None = None
         self.records: list = []  # this episode's row record of every replan
+        self.starved = 0  # steps a replan was still in flight after the previous chunk ran out
         self.actions: list[np.ndarray] = []  # as executed
         self.boundaries: list[int] = []  # indices into `actions` where a new chunk took over
 
@@ -109,6 +112,7 @@ class _Episode:
             "deadline_misses": int(sum(r.deadline_hit for r in mine)),
             "fallbacks": int(sum(r.fallback for r in mine)),
             "committed_actions": int(sum(r.committed for r in mine)),
+            "starved_steps": self.starved,
         }
         if self.actions:
             out.update(action_smoothness(np.stack(self.actions), self.boundaries))
@@ -237,7 +241,11 @@ def rollout(
                 delay = math.ceil(latency_s * config.runtime.control_hz)
             else:
                 delay = int(delay_setting)
-            delay = min(delay, future.shape[1] - n_act)
+            available = future.shape[1] - n_act  # what the previous chunk holds beyond its part
+            if delay > available and previous_future is not None:
+                for row in np.flatnonzero(live & ~new_episode):
+                    episodes[row].starved += delay - available  # nothing fresh to execute
+            delay = min(delay, available)
             actions = future[:, :n_act].copy()
             first_new = np.zeros(size, dtype=int)  # the cycle step where the new chunk starts
             if delay > 0 and previous_future is not None:

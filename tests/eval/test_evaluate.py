@@ -246,3 +246,17 @@ def test_inpainted_transitions_continue_the_held_actions(tiny_pusht_policy, tmp_
     )
     with pytest.raises(ValueError, match="runtime.transition must be one of"):
         eval_config_from_dict({"runtime": {"transition": "smooth"}})
+
+
+def test_a_delay_longer_than_the_held_chunk_counts_starved_steps(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    policy = tiny_pusht_policy
+    held = policy.event_shape[0] - policy.action_start - policy.n_action_steps  # 16 - 1 - 8
+    config.runtime.inference_delay_steps = 12
+    run = rollout(config, config.sampler, policy=tiny_pusht_policy)
+    assert run["per_episode"][0]["starved_steps"] == 12 - held  # one replan after the first
+    config.runtime.inference_delay_steps = 3
+    assert (
+        rollout(config, config.sampler, policy=tiny_pusht_policy)["per_episode"][0]["starved_steps"]
+        == 0
+    )
