@@ -185,9 +185,9 @@ class Policy(ABC):
 
         ``committed [B, d, Da]`` (environment units; NaN: not committed) are actions the robot
         executes whatever this plan says, e.g. while the replan is in flight: they are inpainted
-        into the sample's action channels from :attr:`action_start` on, as DiffusionPolicy
-        inpaints (the known values written into the trajectory before every step and into the
-        result), so the chunk continues them. Every solver handles the mask exactly."""
+        into the sample's action channels from :attr:`action_start` on, forward-noised to each
+        step's level before it (:attr:`DenoisingProblem.noised`) and exact in the result, so the
+        chunk continues them. Every solver handles the mask exactly."""
         conditioning = self.conditioning(obs)
         shape = self.sample_shape(conditioning.batch)
         mask = cond_data = None
@@ -198,8 +198,9 @@ class Policy(ABC):
             steps, channels = conditioning.known.shape[1], conditioning.known.shape[2]
             cond_data[:, :steps, -channels:] = conditioning.known
             mask[:, :steps, -channels:] = True
+        noised = None
         if committed is not None:
-            self._inpaint_committed(torch.as_tensor(committed), cond_data, mask)
+            noised = self._inpaint_committed(torch.as_tensor(committed), cond_data, mask)
         denoiser = ConditionedDenoiser(
             conditioning.network, conditioning.context, conditioning.batch
         )
@@ -213,10 +214,11 @@ class Policy(ABC):
             noise=noise,
             mask=mask,
             cond_data=cond_data,
+            noised=noised,
             device=self.device,
         )
 
-    def _inpaint_committed(self, committed: Tensor, cond_data: Tensor, mask: Tensor) -> None:
+    def _inpaint_committed(self, committed: Tensor, cond_data: Tensor, mask: Tensor) -> Tensor:
         batch, steps = cond_data.shape[0], cond_data.shape[1]
         room = steps - self.action_start
         if (
@@ -240,6 +242,9 @@ class Policy(ABC):
         channels = slice(0, self.action_dim)
         cond_data[:, window, channels] = torch.where(known, values, cond_data[:, window, channels])
         mask[:, window, channels] |= known.expand_as(values)
+        noised = torch.zeros_like(mask)  # forward-noised: the model was not trained on them clean
+        noised[:, window, channels] = known.expand_as(values)
+        return noised
 
     def decode(self, x0: Tensor) -> dict[str, Tensor]:
         """``action`` (``[B, n_action_steps, Da]``, from :attr:`action_start`) and

@@ -48,7 +48,7 @@ class StepMap:
         A multistep rule reads the converted output of position ``p - 1`` from this call when
         ``p - 1`` is among ``positions``, else from the latest earlier round that evaluated it.
         """
-        x_in = self.problem.prepare(x)
+        x_in = self.problem.prepare(x, positions)
         output = self.executor.evaluate(self.problem.denoiser, x_in, self.rule.timesteps[positions])
         self._count(positions, output, evaluations=int(positions.numel()) * int(x.shape[1]))
         return self._step(positions, x_in, output)
@@ -60,7 +60,11 @@ class StepMap:
         previous = self._previous_converted(positions, converted) if self.rule.history else None
         deterministic, x0 = self.rule.step_and_x0(positions, x_in, output, converted, previous)
         self.x0_predictions[positions] = x0
-        return deterministic + self.problem.noise_term(positions, deterministic)
+        out = deterministic + self.problem.noise_term(positions, deterministic)
+        # Inpainted entries are overwritten before every use, so the trajectory holds the known
+        # value there (the next position's): constant across rounds, they never hold a solver
+        # back, and no correction flows through them (the linear parts treat them as fixed).
+        return self.problem.prepare(out, positions + 1)
 
     def _previous_converted(self, positions: Tensor, current: Tensor) -> Tensor:
         """Converted output of each position's predecessor. A predecessor never evaluated yet
@@ -75,7 +79,7 @@ class StepMap:
     def predict_x0(self, positions: Tensor, x: Tensor) -> Tensor:
         """One round that only asks for the clean-sample predictions at ``positions`` (srds'
         coarse steps); the per-position buffers are left alone."""
-        x_in = self.problem.prepare(x)
+        x_in = self.problem.prepare(x, positions)
         output = self.executor.evaluate(self.problem.denoiser, x_in, self.rule.timesteps[positions])
         self._count(positions, output, evaluations=int(positions.numel()) * int(x.shape[1]))
         return self.rule.predict_x0(positions, x_in, output)
@@ -122,7 +126,7 @@ class StepMap:
         size = math.prod(event)
         if positions is None:
             positions = torch.arange(begin, begin + positions_count, device=x.device)
-        x_in = problem.prepare(x)
+        x_in = problem.prepare(x, positions)
         free = (
             torch.ones_like(x[0])
             if problem.mask is None
@@ -152,6 +156,8 @@ class StepMap:
         # J columns: dF/dx . e_k = slope_x * e_k + slope_m * (dD . e_k), e_k masked by `free`.
         columns = slope_x.unsqueeze(0) * tangents + slope_m.unsqueeze(0) * d_output
         J = columns.reshape(size, positions_count, batch, size).permute(1, 2, 3, 0)
+        if problem.mask is not None:  # F holds the known values there: constant rows
+            J = J * free.reshape(1, batch, size, 1)
         if not rule.history:
             return F, J, None
         _, slope_prev = jvp(lambda pp: step_of(x_in, output, pp), (previous,), (ones,))

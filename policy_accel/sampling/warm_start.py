@@ -98,15 +98,15 @@ def trajectory_from_predictions(problem: DenoisingProblem, x0_predictions: Tenso
     moved = rule.step(positions, zeros, converted, previous)
     offset = moved + problem.noise_term(positions, moved)
     a = rule.linear_coefficient().to(problem.x_T.device)
-    start = problem.prepare(problem.x_T)
-    if problem.mask is not None:  # known entries: x[i] is replaced by c before step i
-        known = problem.cond_data.to(offset).expand_as(problem.x_T)
-        steps = a.to(offset.dtype).reshape(-1, *([1] * problem.x_T.dim())) * known + offset
+    start = problem.prepare(problem.x_T, 0)
+    if problem.mask is not None:
+        # known entries are fixed inputs (the step map stores the next position's known value
+        # there), so the free entries follow their own recurrence
         free = linear_recurrence(
             start, a, torch.where(problem.mask, torch.zeros_like(offset), offset)
         )
-        trajectory = torch.where(problem.mask, torch.cat([start.unsqueeze(0), steps]), free)
-        trajectory[0] = problem.x_T
+        trajectory = problem.prepare(free[1:], positions + 1)
+        trajectory = torch.cat([problem.x_T.unsqueeze(0).to(trajectory), trajectory])
         return trajectory
     trajectory = linear_recurrence(start, a, offset)
     trajectory[0] = problem.x_T

@@ -208,3 +208,33 @@ def test_every_solver_reports_each_round_to_its_callback(method):
     assert seen[-1]["round"] == result.rounds or method == "srds"  # srds reports iterations
     assert seen[-1]["converged_steps"] == problem.num_steps or not result.converged
     assert all(info["x"].shape == result.trajectory.shape for info in seen)
+
+
+def test_forward_noised_inpainting_is_exact_for_every_solver():
+    """Committed actions (real-time chunking): known values forward-noised to each step's level
+    before it, exact in the final sample; every solver equals sequential sampling of it."""
+    scheduler = make_scheduler("ddpm")
+    mask = torch.zeros(2, 16, 2, dtype=torch.bool)
+    mask[:, 1:4] = True  # three committed actions after the first
+    cond = torch.full((2, 16, 2), -0.4)
+    generator = torch.Generator().manual_seed(2)
+    problem = DenoisingProblem.from_scheduler(
+        scheduler, mixture(scheduler), 100, (2, 16, 2), generator=generator,
+        mask=mask, cond_data=cond, noised=mask,
+    )  # fmt: skip
+    reference = sample(problem, "sequential")
+    assert torch.equal(reference.sample[:, 1:4], cond[:, 1:4])
+    level = problem.prepare(
+        problem.x_T.unsqueeze(0).expand(3, -1, -1, -1), torch.tensor([0, 50, 99])
+    )
+    alphas, sigmas = problem.rule.alphas.float(), problem.rule.sigmas.float()
+    for row, position in enumerate((0, 50, 99)):
+        expected = alphas[position] * -0.4 + sigmas[position] * problem.x_T[:, 1:4]
+        torch.testing.assert_close(level[row][:, 1:4], expected)
+    for method in PARALLEL:
+        result = sample(problem, method, tolerance=0.0)
+        assert torch.equal(result.sample[:, 1:4], reference.sample[:, 1:4]), method
+        assert rms(result.sample, reference.sample) <= 1e-5, method
+    with pytest.raises(ValueError, match="noised must be a part of mask"):
+        DenoisingProblem(problem.denoiser, problem.rule, problem.x_T, problem.noise, mask,
+                         cond, noised=~mask)  # fmt: skip

@@ -112,19 +112,20 @@ def test_prediction_space_guess_beats_a_shifted_trajectory(problem, method):
 
 
 def _looped_trajectory(problem, x0_predictions):
-    """The step-by-step definition of trajectory_from_predictions (the reference)."""
+    """The step-by-step definition of trajectory_from_predictions (the reference): the step
+    map's own convention, inpainted entries holding the next position's known value."""
     rule = problem.rule
     x = torch.empty(problem.trajectory_shape, dtype=problem.x_T.dtype)
     x[0] = problem.x_T
     previous = None
     for i in range(problem.num_steps):
         position = torch.tensor([i])
-        x_in = problem.prepare(x[i : i + 1])
+        x_in = problem.prepare(x[i : i + 1], position)
         output = rule.model_output_from_x0(position, x_in, x0_predictions[i : i + 1])
         converted = rule.convert(position, x_in, output)
         prev = (previous if previous is not None else converted) if rule.history else None
         moved = rule.step(position, x_in, converted, prev)
-        x[i + 1] = (moved + problem.noise_term(position, moved))[0]
+        x[i + 1] = problem.prepare(moved + problem.noise_term(position, moved), position + 1)[0]
         previous = converted
     return x
 

@@ -102,6 +102,10 @@ def chord(
     eye = torch.eye(size, dtype=x_T.dtype, device=x_T.device)
     picard_part = coefficient.reshape(-1, 1, 1, 1) * eye.expand(problem.batch_size, size, size)
     linear = picard_part.clone() if estimate is None else estimate.dense(coefficient).to(x_T)
+    if problem.mask is not None:  # inpainted entries are fixed: no rows, no columns
+        free = (~problem.mask).to(x_T.dtype).expand_as(x_T).reshape(1, problem.batch_size, size)
+        picard_part = picard_part * free.unsqueeze(-1) * free.unsqueeze(-2)
+        linear = linear * free.unsqueeze(-1) * free.unsqueeze(-2)
     state = {"last": math.inf, "plain": False}
     n, batch = problem.num_steps, problem.batch_size
     seen = torch.zeros(n, dtype=torch.bool, device=x_T.device)
@@ -112,7 +116,7 @@ def chord(
         positions = torch.arange(begin, end, device=x.device)
         inputs = x[begin:end]
         F = step_map(positions, inputs)
-        flat_x = problem.prepare(inputs).reshape(end - begin, batch, size, 1)
+        flat_x = problem.prepare(inputs, positions).reshape(end - begin, batch, size, 1)
         flat_F = F.reshape(end - begin, batch, size, 1)
         J = linear[begin:end]
         if options.secant and not state["plain"]:
