@@ -84,6 +84,11 @@ class PolicyClient:
         """Send one observation step; returns the reply (``actions``, timings)."""
         return self._request(obs)
 
+    def observe(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """Send an observation step to record in the server's history without planning (the
+        steps between plans, so the history stays consecutive); returns ``{"observed": True}``."""
+        return self._request({**obs, wire.OBSERVE_KEY: True})
+
     def reset(self) -> dict[str, Any]:
         """Start a new episode on the server (empty history, cold start); returns its reply."""
         return self._request({wire.RESET_KEY: True})

@@ -29,6 +29,11 @@ client, none counted), and ``"__committed__": c``, the further actions of the la
 robot executes while this request is planned: they are inpainted into the new chunk, which then
 continues them (real-time chunking; the reply's ``policy_timing.committed`` says how many).
 
+History. The server keeps the ``n_obs_steps`` history from the observations it receives, so a
+client that executes several actions between plans should send the steps in between with
+``"__observe__": True`` (recorded, not planned; answered ``{"observed": True}``), or the policy
+sees a history with gaps (DiffusionPolicy was trained on consecutive steps).
+
 Reset. A new connection is a new episode: a fresh Controller (empty history, generator seeded with
 ``seed``, so a connection's chunks equal a local ``Controller(policy, ..., seed=seed)``'s). The
 reserved key ``"__reset__": True`` resets the connection's Controller (its generator continues
@@ -97,6 +102,7 @@ logger = logging.getLogger(__name__)
 RESET_KEY = wire.RESET_KEY
 EXECUTED_KEY = wire.EXECUTED_KEY
 COMMITTED_KEY = wire.COMMITTED_KEY
+OBSERVE_KEY = wire.OBSERVE_KEY
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 32
@@ -232,6 +238,7 @@ class PolicyServer:
             "reset_key": RESET_KEY,
             "executed_key": EXECUTED_KEY,
             "committed_key": COMMITTED_KEY,
+            "observe_key": OBSERVE_KEY,
             "max_message_bytes": self.max_message_bytes,
         }
         self._metadata_frame = wire.pack(self.metadata)
@@ -478,6 +485,14 @@ class PolicyServer:
         if not isinstance(reset, bool):
             raise RequestError(f"{RESET_KEY!r} must be true or false, got {type(reset).__name__}.")
         timing = {key: _count(payload.pop(key, None), key) for key in (EXECUTED_KEY, COMMITTED_KEY)}
+        observe = payload.pop(OBSERVE_KEY, False)
+        if not isinstance(observe, bool):
+            raise RequestError(
+                f"{OBSERVE_KEY!r} must be true or false, got {type(observe).__name__}."
+            )
+        if observe and not payload:
+            raise RequestError(f"{OBSERVE_KEY!r} needs the observation keys beside it.")
+        timing[OBSERVE_KEY] = observe
         if not payload:
             if reset:
                 return True, None, timing
@@ -504,7 +519,7 @@ class PolicyServer:
             self._plans.submit(_step, controller, reset, observation, timing)
         )
         if chunk is None:
-            return {"reset": True}
+            return {"observed": True} if timing.get(OBSERVE_KEY) else {"reset": True}
         server_timing = {"infer_ms": (time.perf_counter() - start) * 1e3}
         if prev_total_ms is not None:
             server_timing["prev_total_ms"] = prev_total_ms
@@ -545,6 +560,9 @@ def _step(
     if observation is None:
         return None, None
     timing = timing or {}
+    if timing.get(OBSERVE_KEY):
+        controller.observe(observation)  # a step between plans: the history stays consecutive
+        return None, None
     executed, count = timing.get(EXECUTED_KEY), timing.get(COMMITTED_KEY)
     last = controller.last_plan
     committed = None

@@ -533,3 +533,22 @@ def test_a_request_says_what_was_executed_and_committed_since_the_last_reply(
             client.infer({"obs": second_obs, COMMITTED_KEY: -1})
         ok = client.infer({"obs": second_obs})  # a refused request changed nothing
         assert ok["policy_timing"]["committed"] == 0
+
+
+def test_steps_sent_between_plans_keep_the_history_consecutive(tiny_pusht_policy, picard_server):
+    from policy_accel.control.wire import EXECUTED_KEY
+
+    steps = observations(9, 9)
+    local = Controller(tiny_pusht_policy, **PICARD)
+    plans = [step.plan for step in map(local.step, steps) if step.plan is not None]
+    assert len(plans) == 2  # at the first step and after 8 executed actions
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        first = client.infer({"obs": steps[0]})
+        for obs in steps[1:8]:
+            assert client.observe({"obs": obs}) == {"observed": True}
+        second = client.infer({"obs": steps[8], EXECUTED_KEY: 8})
+        with pytest.raises(ServerError, match="'__observe__' needs the observation keys"):
+            client.infer({"__observe__": True})
+    np.testing.assert_array_equal(first["actions"], plans[0].chunk)
+    np.testing.assert_array_equal(second["actions"], plans[1].chunk)
+    assert plans[1].record.shift == 8 and second["policy_timing"]["warm"]
