@@ -265,14 +265,21 @@ class AsyncController:
                 in_flight = None
             action = self.next_action()
             self.stats.actions.append(np.asarray(action))
-            obs, reward, terminated, truncated, info = env.step(action)
-            self.stats.steps += 1
-            self.stats.total_reward += float(reward)
-            if terminated or truncated:
+            obs, done, info = self._act(env, action)
+            if done:
                 break
             self.observe(obs)
             if in_flight is None and self.queued() <= self.trigger_steps:
                 in_flight = self._simulated_plan(self.slot, delay_steps, period)
+        return self._finish(info)
+
+    def _act(self, env: Any, action: np.ndarray) -> tuple[Any, bool, dict]:
+        obs, reward, terminated, truncated, info = env.step(action)
+        self.stats.steps += 1
+        self.stats.total_reward += float(reward)
+        return obs, bool(terminated or truncated), info
+
+    def _finish(self, info: dict) -> RunStats:
         self.stats.delay_steps = self.delay.steps
         self.stats.success = bool(info.get("is_success", False))
         self.stats.info = {k: v for k, v in info.items() if np.isscalar(v)}
@@ -329,17 +336,12 @@ class AsyncController:
                 self.stats.late_steps += error_ms > 0.5 * period * 1e3
             elif self.queued() == 0 and self.planning:
                 self.wait_for_plan()  # simulated time: the robot waits instead of starving
-            obs, reward, terminated, truncated, info = env.step(self.next_action())
-            self.stats.steps += 1
-            self.stats.total_reward += float(reward)
-            if terminated or truncated:
+            obs, done, info = self._act(env, self.next_action())
+            if done:
                 break
             self.observe(obs)
             if self.queued() <= self.trigger_steps:
                 self.submit()
         if self._thread is not None:
             self._thread.join()
-        self.stats.delay_steps = self.delay.steps
-        self.stats.success = bool(info.get("is_success", False))
-        self.stats.info = {k: v for k, v in info.items() if np.isscalar(v)}
-        return self.stats
+        return self._finish(info)

@@ -61,6 +61,8 @@ class StepMap:
         deterministic, x0 = self.rule.step_and_x0(positions, x_in, output, converted, previous)
         self.x0_predictions[positions] = x0
         out = deterministic + self.problem.noise_term(positions, deterministic)
+        if self.problem.mask is None:
+            return out
         # Inpainted entries are overwritten before every use, so the trajectory holds the known
         # value there (the next position's): constant across rounds, they never hold a solver
         # back, and no correction flows through them (the linear parts treat them as fixed).

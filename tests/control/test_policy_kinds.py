@@ -191,3 +191,47 @@ def test_the_default_sampler_drives_every_kind(kind_policy):
         reference = controller.planner.reference(plan)
         error = np.abs(normalized(policy, plan.actions) - normalized(policy, reference)).max()
         assert error <= 1e-2, error
+
+
+def test_real_time_transitions_for_every_kind(kind_policy, tmp_path):
+    """Inpainted transitions through eval (held actions), the simulated AsyncController and the
+    server (a request's executed and committed counts), with the default sampler (warm chord)."""
+    from policy_accel.control.wire import COMMITTED_KEY, EXECUTED_KEY
+
+    kind, policy = kind_policy
+    n = executed(policy)
+    sampler = SamplerConfig(num_inference_steps=8)
+    room = policy.event_shape[policy.horizon_axis] - policy.action_start
+    length = 2 * policy.n_action_steps + 1
+    config = EvalConfig(
+        env=EnvConfig(max_episode_steps=None),
+        runtime=RuntimeConfig(vector="sync", inference_delay_steps=2, transition="inpaint"),
+        eval=EvalSettings(n_episodes=1, batch_size=1, output_dir=str(tmp_path)),
+    )
+    run = rollout(
+        config,
+        sampler,
+        policy=policy,
+        env_factory=lambda: EpisodeGuard(lambda: ObservationWalk(policy, length=length)),
+    )
+    episode = run["per_episode"][0]
+    held = min(2, room - policy.n_action_steps)  # what the previous chunk holds past its part
+    assert episode["committed_actions"] == 2 * held and "error" not in episode, kind
+    assert episode["jerk"] is not None
+
+    runtime = AsyncController(Controller(policy, sampler, n_action_steps=n, seed=5), "latest",
+                              transition="inpaint")  # fmt: skip
+    stats = runtime.simulate(ObservationWalk(policy, length=3 * n), hz=10.0, seed=6, delay_steps=1)
+    assert stats.steps == 3 * n and all(r.committed == 1 for r in stats.records[1:]), kind
+
+    with PolicyServer(policy, sampler, port=0, n_action_steps=n, seed=7) as server:
+        local = Controller(policy, sampler, n_action_steps=n, seed=7)
+        with PolicyClient("127.0.0.1", server.port, max_message_bytes=2**24) as client:
+            first, second = steps_of(policy, seed=8, count=2)
+            request = lambda obs: {k: np.asarray(v, np.float32) for k, v in obs.items()}  # noqa: E731
+            client.infer(request(first))
+            reply = client.infer({**request(second), EXECUTED_KEY: 1, COMMITTED_KEY: 1})
+            local.plan(first)
+            expected = local.plan(second, executed=1, committed=local.last_plan.future[0, 1:2])
+            np.testing.assert_array_equal(reply["actions"], expected.chunk)
+            assert reply["policy_timing"]["committed"] == 1

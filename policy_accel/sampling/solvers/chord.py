@@ -27,6 +27,7 @@ Multistep rules' dependence on ``x[i-1]`` is left out of ``J`` (the window keeps
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from policy_accel.execution import Executor
 from policy_accel.sampling.jacobians import Jacobians
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
-from policy_accel.sampling.solvers.options import WindowOptions
+from policy_accel.sampling.solvers.options import WindowOptions, check_event_size
 from policy_accel.sampling.solvers.scan import matrix_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
@@ -82,13 +83,8 @@ class ChordOptions(WindowOptions):
 def chord(
     problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: ChordOptions
 ) -> SampleResult:
+    check_event_size(problem.event_shape, options.max_event_size, "chord")
     size = math.prod(problem.event_shape)
-    if size > options.max_event_size:
-        raise ValueError(
-            f"chord keeps a {size}x{size} matrix per step (event shape {problem.event_shape}), "
-            f"above max_event_size={options.max_event_size}. Use it for small events such as "
-            "action chunks; for larger ones use method='picard' or 'taa'."
-        )
     estimate = options.jacobians
     if estimate is not None and not estimate.matches(problem):
         raise ValueError(
@@ -142,8 +138,8 @@ def chord(
         if options.callback is not None:
             options.callback(stats)
 
-    window_options = _with_callback(options, watch)
-    return solve_by_windows(step_map, iterate, method="chord", init=init, options=window_options)
+    watched = dataclasses.replace(options, callback=watch)
+    return solve_by_windows(step_map, iterate, method="chord", init=init, options=watched)
 
 
 def broyden_update(J: Tensor, dx: Tensor, dF: Tensor, known: Tensor) -> None:
@@ -153,8 +149,8 @@ def broyden_update(J: Tensor, dx: Tensor, dF: Tensor, known: Tensor) -> None:
     norm = (dx.transpose(-1, -2) @ dx).squeeze(-1).squeeze(-1)  # [P, B]
     scale = J.abs().amax(dim=(-1, -2)).clamp_min(1.0)
     usable = known.reshape(-1, 1) & (norm > 1e-20 * scale.square())
-    update = ((dF - J @ dx) @ dx.transpose(-1, -2)) / norm.clamp_min(1e-30)[..., None, None]
-    J.add_(torch.where(usable[..., None, None], update, torch.zeros_like(update)))
+    weight = usable / norm.clamp_min(1e-30)  # 0 where there is no usable step
+    J.addcmul_((dF - J @ dx) @ dx.transpose(-1, -2), weight[..., None, None])
 
 
 def _bounded(new: Tensor, F: Tensor, factor: float = 100.0) -> bool:
@@ -163,14 +159,3 @@ def _bounded(new: Tensor, F: Tensor, factor: float = 100.0) -> bool:
     geometrically along the window."""
     largest, reference = torch.stack([new.abs().amax(), F.abs().amax()]).tolist()
     return largest <= factor * (reference + 1.0)
-
-
-def _with_callback(options: ChordOptions, callback) -> WindowOptions:
-    return WindowOptions(
-        window=options.window,
-        tolerance=options.tolerance,
-        max_rounds=options.max_rounds,
-        finish_sequentially=options.finish_sequentially,
-        deadline=options.deadline,
-        callback=callback,
-    )

@@ -13,7 +13,6 @@ Picard round and ``N*B*E^2`` Jacobian entries, so events larger than ``max_event
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor
 from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
-from policy_accel.sampling.solvers.options import WindowOptions
+from policy_accel.sampling.solvers.options import WindowOptions, check_event_size
 from policy_accel.sampling.solvers.scan import correction_scan, diagonal_scan, matrix_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
@@ -47,14 +46,7 @@ class NewtonOptions(WindowOptions):
 def newton(
     problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: NewtonOptions
 ) -> SampleResult:
-    size = math.prod(problem.event_shape)
-    if size > options.max_event_size:
-        raise ValueError(
-            f"newton needs the {size}x{size} Jacobian of every step (event shape "
-            f"{problem.event_shape}), above max_event_size={options.max_event_size}. Use it for "
-            "small events such as action chunks; for larger ones use method='picard' or 'taa', "
-            "or raise max_event_size if memory allows."
-        )
+    check_event_size(problem.event_shape, options.max_event_size, "newton")
     step_map = StepMap(problem, executor, defer_finite_check=True)
     linear = problem.rule.linear_coefficient().to(problem.x_T)
     safe = problem.rule.products_are_safe()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,18 @@ def check_stopping(tolerance: float, max_rounds: int | None, deadline: float | N
     if deadline is not None and not isinstance(deadline, (int, float)):
         raise ValueError(
             f"deadline must be a time.perf_counter() value in seconds or None. Got {deadline!r}."
+        )
+
+
+def check_event_size(event_shape: tuple[int, ...], limit: int, method: str) -> None:
+    """Refuse an event too large for a solver that forms an ``E x E`` matrix per step."""
+    size = math.prod(event_shape)
+    if size > limit:
+        raise ValueError(
+            f"{method} forms the {size}x{size} Jacobian of every step (event shape "
+            f"{tuple(event_shape)}), above max_event_size={limit}. Use it for small events such "
+            "as action chunks; for larger ones use method='picard' or 'taa', or raise "
+            "max_event_size if memory allows."
         )
 
 
