@@ -47,6 +47,26 @@ def shipped_checkpoints(root: Path = CHECKPOINTS) -> dict[str, dict]:
     return found
 
 
+def task_config(
+    spec: dict, episodes: int, batch_size: int, runtime: RuntimeConfig | None = None
+) -> EvalConfig:
+    """The eval engine's config for a shipped checkpoint's task (its ``env.json`` ``spec``):
+    held-out seeds from ``eval_seed`` on, envs stepped in process by default."""
+    env_kwargs = dict(spec.get("env_kwargs", {}))
+    return EvalConfig(
+        policy=PolicyConfig(path=str(spec["path"])),
+        env=EnvConfig(
+            name=spec["env"],
+            obs=spec.get("obs"),
+            first_seed=spec["eval_seed"],
+            max_episode_steps=env_kwargs.pop("max_episode_steps", None),
+            kwargs=env_kwargs,
+        ),
+        runtime=runtime or RuntimeConfig(vector="sync"),
+        eval=EvalSettings(n_episodes=episodes, batch_size=batch_size),
+    )
+
+
 def evaluate(
     name: str,
     spec: dict,
@@ -58,19 +78,7 @@ def evaluate(
     on_row=None,
 ) -> dict:
     policy = load_policy(spec["path"])
-    env_kwargs = dict(spec.get("env_kwargs", {}))
-    config = EvalConfig(
-        policy=PolicyConfig(path=str(spec["path"])),
-        env=EnvConfig(
-            name=spec["env"],
-            obs=spec.get("obs"),
-            first_seed=spec["eval_seed"],
-            max_episode_steps=env_kwargs.pop("max_episode_steps", None),
-            kwargs=env_kwargs,
-        ),
-        runtime=RuntimeConfig(vector="sync"),
-        eval=EvalSettings(n_episodes=episodes, batch_size=batch_size),
-    )
+    config = task_config(spec, episodes, batch_size)
     rows, reference = [], None
     result = {
         "checkpoint": name,

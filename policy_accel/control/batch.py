@@ -109,17 +109,24 @@ class BatchController:
 
     # -- planning -----------------------------------------------------------------------------
     def plan(
-        self, new_episode: np.ndarray, executed: int, committed: np.ndarray | None = None
+        self,
+        new_episode: np.ndarray,
+        executed: int,
+        committed: np.ndarray | None = None,
+        overlap: np.ndarray | None = None,
     ) -> Plan:
         """Plan every row from its history; rows in ``new_episode`` cold, the others warm (if
         enabled) ``executed`` steps after their previous plan. ``committed [B, d, Da]`` (NaN
-        where a row is free): actions inpainted into each row's chunk (see
+        where a row is free): actions inpainted into each row's chunk, ``overlap [B, m, Da]``
+        the old chunk's actions after them, followed softly (see
         :meth:`~policy_accel.control.planner.Planner.plan`)."""
         if self.history is None:
             raise RuntimeError("BatchController.plan before start_rows().")
         for row in np.flatnonzero(np.asarray(new_episode, dtype=bool)):
             self.rows[row].forget()
-        plan = self.planner.plan(dict(self.history), self.rows, executed, committed=committed)
+        plan = self.planner.plan(
+            dict(self.history), self.rows, executed, committed=committed, overlap=overlap
+        )
         self.records.append(plan.records[0])
         return plan
 

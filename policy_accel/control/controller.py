@@ -96,13 +96,15 @@ class Controller:
         """One control step: the action to execute now (see :meth:`step`)."""
         return self.step(obs).action
 
-    def plan(self, obs: Any, executed: int | None = None, committed: Any = None) -> Plan:
+    def plan(
+        self, obs: Any, executed: int | None = None, committed: Any = None, overlap: Any = None
+    ) -> Plan:
         """Record ``obs`` and replan now; the new chunk (``plan.chunk``, ``(n_action_steps,
         action_dim)``) replaces the queue. ``executed`` and ``committed`` as in
         :meth:`replan`."""
         with self._transaction():
             self.observe(obs)
-            return self.replan(executed=executed, committed=committed)
+            return self.replan(executed=executed, committed=committed, overlap=overlap)
 
     def observe(self, obs: Any) -> None:
         """Add ``obs`` to the history (the first after a reset fills it), validated first: a
@@ -115,21 +117,33 @@ class Controller:
             self.history.append(step)
 
     def replan(
-        self, history: Any = None, executed: int | None = None, committed: Any = None
+        self,
+        history: Any = None,
+        executed: int | None = None,
+        committed: Any = None,
+        overlap: Any = None,
     ) -> Plan:
         """Plan from ``history`` (a stacked snapshot ``{key: (n_obs_steps, ...)}``; default:
         the Controller's own) given ``executed`` actions since the previous plan's observation
         (default: as counted by :meth:`act`); the chunk replaces the queue. ``committed [d,
         Da]``: the actions the robot executes from this observation on while the plan is in
         flight, inpainted so the chunk continues them (real-time chunking; the chunk still
-        starts at this observation's step). The asynchronous runtime calls this from its
-        planning thread with its own snapshot."""
+        starts at this observation's step). ``overlap [m, Da]``: the previous chunk's actions
+        for the steps after those, followed softly (RTC's decaying prefix schedule, see
+        :meth:`~policy_accel.policies.base.Policy.problem`). The asynchronous runtime calls
+        this from its planning thread with its own snapshot."""
         stacked = self.history.stacked() if history is None else history
         shift = self._executed_since_plan if executed is None else int(executed)
         if committed is not None:
             committed = np.asarray(committed, dtype=np.float32)[None]
+        if overlap is not None:
+            overlap = np.asarray(overlap, dtype=np.float32)[None]
         plan = self.planner.plan(
-            _one_row(stacked, self.policy), [self.row], [shift], committed=committed
+            _one_row(stacked, self.policy),
+            [self.row],
+            [shift],
+            committed=committed,
+            overlap=overlap,
         )
         self.queue = deque(plan.chunk)
         self._executed_since_plan = 0

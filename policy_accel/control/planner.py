@@ -204,12 +204,15 @@ class Planner:
         rows: Sequence[RowState],
         shifts: int | Sequence[int],
         committed: np.ndarray | None = None,
+        overlap: np.ndarray | None = None,
     ) -> Plan:
         """One batched replan of ``rows`` from their stacked histories ``obs`` (``{key: [B,
         n_obs_steps, ...]}``), each ``shifts[r]`` executed actions after its previous replan.
         ``committed [B, d, Da]`` (environment units, NaN where a row is free): actions the rows
         execute while this plan is in flight, inpainted into the sample so the chunk continues
-        them (:meth:`~policy_accel.policies.base.Policy.problem`).
+        them, and ``overlap [B, m, Da]`` the previous chunk's actions after those, guided
+        with decaying weights (soft inpainting; both as in
+        :meth:`~policy_accel.policies.base.Policy.problem`).
         Updates each row's state; a plan that raises leaves the rows' warm starts as they were
         (their generators may have advanced: callers that must be exact restore them)."""
         start = time.perf_counter()
@@ -233,6 +236,7 @@ class Planner:
             scheduler=self.scheduler,
             num_inference_steps=self.num_steps,
             committed=committed,
+            overlap=overlap,
         )
         init = None
         if any(warm):

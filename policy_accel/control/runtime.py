@@ -38,7 +38,7 @@ from policy_accel.control.history import ObservationHistory
 from policy_accel.control.records import PlanRecord
 
 MERGES = ("latest", "average")
-TRANSITIONS = ("naive", "inpaint")
+TRANSITIONS = ("naive", "inpaint", "soft_inpaint")
 
 
 def wait_until(deadline: float, spin_s: float = 1e-3) -> None:
@@ -80,7 +80,9 @@ class AsyncController:
             (default: half the chunk).
         transition: ``"naive"`` or ``"inpaint"``: each plan inpaints the queued actions the
             robot will execute while it is in flight (as many as :attr:`delay` expects), so the
-            new chunk continues them (real-time chunking without retraining).
+            new chunk continues them (real-time chunking without retraining);
+            ``"soft_inpaint"`` also follows the rest of the queue softly (RTC's decaying
+            prefix schedule, see :meth:`~policy_accel.policies.base.Policy.problem`).
     """
 
     def __init__(
@@ -142,35 +144,43 @@ class AsyncController:
         slot = self.slot
         executed = 0 if self._last_plan_slot is None else slot - self._last_plan_slot
         self._last_plan_slot = slot
-        committed = self._committed(slot) if self.transition == "inpaint" else None
+        held = self._held(slot)
         self._thread = threading.Thread(
             target=self._plan,
-            args=(snapshot, slot, executed, committed),
+            args=(snapshot, slot, executed, held),
             name="policy-planner",
             daemon=True,
         )
         self._thread.start()
         return True
 
-    def _committed(self, slot: int, expected: int | None = None) -> np.ndarray | None:
-        """The queued actions for ``slot`` on that the robot executes while a plan started now
-        is in flight (``expected`` steps, default the delay estimate; at most what is queued and
-        what the chunk holds)."""
+    def _held(self, slot: int, expected: int | None = None) -> dict[str, np.ndarray | None]:
+        """``committed``: the queued actions for ``slot`` on that the robot executes while a
+        plan started now is in flight (``expected`` steps, default the delay estimate; at most
+        what is queued and what the chunk holds); with ``soft_inpaint``, ``overlap``: the
+        queued actions after those. Nothing with the ``naive`` transition."""
+        if self.transition == "naive":
+            return {"committed": None, "overlap": None}
         if expected is None:
             expected = 0 if self.delay is None else self.delay.steps
         policy = self.controller.policy
         room = policy.event_shape[policy.horizon_axis] - policy.action_start
+        soft = self.transition == "soft_inpaint"
         with self._lock:
             actions = []
-            for target in range(slot, slot + min(expected, room)):
+            for target in range(slot, slot + (room if soft else min(expected, room))):
                 if target not in self.timeline:
                     break
                 actions.append(self.timeline[target])
-        return np.stack(actions) if actions else None
+        committed, overlap = actions[:expected], actions[expected:]
+        return {
+            "committed": np.stack(committed) if committed else None,
+            "overlap": np.stack(overlap) if overlap and len(committed) == expected else None,
+        }
 
-    def _plan(self, snapshot: Any, slot: int, executed: int, committed=None) -> None:
+    def _plan(self, snapshot: Any, slot: int, executed: int, held: dict) -> None:
         try:
-            plan = self.controller.replan(history=snapshot, executed=executed, committed=committed)
+            plan = self.controller.replan(history=snapshot, executed=executed, **held)
             if self.delay is not None:
                 self.delay.record(plan.record.latency_ms / 1e3)
             self._merge(plan.chunk, slot, plan.record)
@@ -288,11 +298,8 @@ class AsyncController:
     def _simulated_plan(self, slot: int, delay_steps: int | None, period: float) -> tuple:
         executed = 0 if self._last_plan_slot is None else slot - self._last_plan_slot
         self._last_plan_slot = slot
-        inpaint = self.transition == "inpaint"
-        committed = self._committed(slot, delay_steps) if inpaint else None
-        plan = self.controller.replan(
-            history=self.history.stacked(), executed=executed, committed=committed
-        )
+        held = self._held(slot, delay_steps)
+        plan = self.controller.replan(history=self.history.stacked(), executed=executed, **held)
         latency_s = plan.record.latency_ms / 1e3
         self.delay.record(latency_s)
         delay = self.delay.steps_of(latency_s) if delay_steps is None else delay_steps

@@ -27,7 +27,9 @@ Timing keys (optional, for real-time clients): ``"__executed__": k``, the action
 reply executed before this observation's step (the warm start's shift; default: as a lockstep
 client, none counted), and ``"__committed__": c``, the further actions of the last reply the
 robot executes while this request is planned: they are inpainted into the new chunk, which then
-continues them (real-time chunking; the reply's ``policy_timing.committed`` says how many).
+continues them (real-time chunking; the reply's ``policy_timing.committed`` says how many);
+with ``"__overlap__": True`` the rest of the last reply after those is followed softly too
+(RTC's decaying prefix schedule, ``soft_inpaint``).
 
 History. The server keeps the ``n_obs_steps`` history from the observations it receives, so a
 client that executes several actions between plans should send the steps in between with
@@ -102,6 +104,7 @@ logger = logging.getLogger(__name__)
 RESET_KEY = wire.RESET_KEY
 EXECUTED_KEY = wire.EXECUTED_KEY
 COMMITTED_KEY = wire.COMMITTED_KEY
+OVERLAP_KEY = wire.OVERLAP_KEY
 OBSERVE_KEY = wire.OBSERVE_KEY
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -238,6 +241,7 @@ class PolicyServer:
             "reset_key": RESET_KEY,
             "executed_key": EXECUTED_KEY,
             "committed_key": COMMITTED_KEY,
+            "overlap_key": OVERLAP_KEY,
             "observe_key": OBSERVE_KEY,
             "max_message_bytes": self.max_message_bytes,
         }
@@ -493,6 +497,12 @@ class PolicyServer:
         if observe and not payload:
             raise RequestError(f"{OBSERVE_KEY!r} needs the observation keys beside it.")
         timing[OBSERVE_KEY] = observe
+        overlap = payload.pop(OVERLAP_KEY, False)
+        if not isinstance(overlap, bool):
+            raise RequestError(
+                f"{OVERLAP_KEY!r} must be true or false, got {type(overlap).__name__}."
+            )
+        timing[OVERLAP_KEY] = overlap
         if not payload:
             if reset:
                 return True, None, timing
@@ -565,12 +575,15 @@ def _step(
         return None, None
     executed, count = timing.get(EXECUTED_KEY), timing.get(COMMITTED_KEY)
     last = controller.last_plan
-    committed = None
-    if count and last is not None and not reset:
-        start = executed or 0
-        committed = last.future[0, start : start + count]
-        committed = committed if len(committed) else None
-    plan = controller.plan(observation, executed=executed, committed=committed)
+    committed = overlap = None
+    if last is not None and not reset:
+        start, count = executed or 0, count or 0
+        committed = last.future[0, start : start + count] if count else None
+        committed = committed if committed is not None and len(committed) else None
+        if timing.get(OVERLAP_KEY) and (committed is None or len(committed) == count):
+            overlap = last.future[0, start + count :]
+            overlap = overlap if len(overlap) else None
+    plan = controller.plan(observation, executed=executed, committed=committed, overlap=overlap)
     return plan.chunk, plan.record
 
 

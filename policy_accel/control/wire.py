@@ -33,6 +33,7 @@ DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 RESET_KEY = "__reset__"
 EXECUTED_KEY = "__executed__"  # actions of the last reply executed before this observation
 COMMITTED_KEY = "__committed__"  # further actions of it executed while this request is planned
+OVERLAP_KEY = "__overlap__"  # follow the rest of it, after the committed ones, softly
 OBSERVE_KEY = "__observe__"  # record this observation step in the history, do not plan
 MAX_DEPTH = 32
 REFUSED_DTYPE_KINDS = {"O": "object", "V": "void/structured", "c": "complex"}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from policy_accel.control.config import SamplerConfig
+from policy_accel.control.runtime import MERGES, TRANSITIONS
 
 __all__ = [
     "EnvConfig",
@@ -37,13 +38,14 @@ class EnvConfig:
 @dataclass
 class RuntimeConfig:
     inference_delay_steps: int | str = 0
-    transition: str = "naive"  # or "inpaint": the replan continues the actions it is committed to
+    transition: str = "naive"  # "inpaint": the replan continues the actions it is committed to;
+    # "soft_inpaint": and follows the rest of the old chunk softly (RTC's prefix schedule)
+    merge: str = "latest"  # or "average": the new chunk's overlap with the old one is averaged
+    merge_weight: float = 0.5  # the new chunk's weight in "average" merges
+    n_action_steps: int | None = None  # actions executed per replan (None: the checkpoint's)
     control_hz: float = 10.0
     threads: int = 1
     vector: str = "async"
-
-
-TRANSITIONS = ("naive", "inpaint")
 
 
 @dataclass
@@ -76,6 +78,19 @@ class EvalConfig:
             raise ValueError(
                 f"runtime.transition must be one of {list(TRANSITIONS)}, got "
                 f"{self.runtime.transition!r}"
+            )
+        if self.runtime.merge not in MERGES:
+            raise ValueError(
+                f"runtime.merge must be one of {list(MERGES)}, got {self.runtime.merge!r}"
+            )
+        if not 0.0 < self.runtime.merge_weight <= 1.0:
+            raise ValueError(
+                f"runtime.merge_weight must be in (0, 1], got {self.runtime.merge_weight!r}"
+            )
+        steps = self.runtime.n_action_steps
+        if steps is not None and not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(
+                f"runtime.n_action_steps must be a positive int or null, got {steps!r}"
             )
         if self.runtime.vector not in ("async", "sync"):
             raise ValueError(

@@ -13,6 +13,10 @@ undelayed). ``"auto"`` sets ``k = ceil(latency * control_hz)`` from each replan'
 (the batched call's: use ``eval.batch_size=1`` for a single robot's latency). With
 ``runtime.transition="inpaint"`` the held actions are inpainted into the replan (committed-prefix
 inpainting, real-time chunking without retraining), so the new chunk continues them; with
+``"soft_inpaint"`` the rest of the old chunk's overlap is followed softly too (RTC's decaying
+prefix schedule, :meth:`~policy_accel.policies.base.Policy.problem`); with
+``runtime.merge="average"`` the new chunk's actions that the old chunk also planned become
+``(1 - w) old + w new`` (temporal ensembling, ``w = runtime.merge_weight``); with
 ``"auto"`` the replan inpaints as many as a :class:`~policy_accel.control.delay.DelayEstimator`
 of the latencies so far expects (a slower plan than expected holds old actions beyond them). A
 delay beyond what the previous chunk holds counts its excess as ``starved_steps`` (a robot would
@@ -143,6 +147,7 @@ def aggregate(per_episode: list[dict]) -> dict[str, float]:
         "mean_score": float(np.mean([e["max_reward"] for e in done])),
         "boundary_jump_mean": mean_of("boundary_jump_mean"),
         "boundary_jump_max": mean_of("boundary_jump_max", np.max),
+        "step_mean": mean_of("step_mean"),
         "jerk_mean": mean_of("jerk"),
     }
 
@@ -162,10 +167,17 @@ def rollout(
     seeds = [config.env.first_seed + i for i in range(config.eval.n_episodes)]
     size = min(config.eval.batch_size, len(seeds))
     vector = make_vector_env(config, size, env_factory)
-    controller = BatchController(policy, seeds[:size], sampler, noise_seed=config.eval.noise_seed)
+    controller = BatchController(
+        policy,
+        seeds[:size],
+        sampler,
+        n_action_steps=config.runtime.n_action_steps,
+        noise_seed=config.eval.noise_seed,
+    )
     n_act = controller.n_action_steps
     delay_setting = config.runtime.inference_delay_steps
-    inpaint = config.runtime.transition == "inpaint"
+    inpaint = config.runtime.transition in ("inpaint", "soft_inpaint")
+    soft = config.runtime.transition == "soft_inpaint"
     delays = DelayEstimator(1.0 / config.runtime.control_hz)
     pending = list(seeds)
     episodes: list[_Episode | None] = [None] * size
@@ -222,7 +234,7 @@ def rollout(
                 continue
             if new_episode.any():
                 controller.start_rows(obs, new_episode)
-            committed = None
+            committed = overlap = None
             if inpaint and previous_future is not None:
                 # what the robot will execute while this replan is in flight: the delay
                 # expected before the plan (measured latencies so far, or the fixed setting)
@@ -231,7 +243,10 @@ def rollout(
                 if expected > 0:
                     committed = previous_future[:, n_act : n_act + expected].copy()
                     committed[new_episode] = np.nan
-            plan = controller.plan(new_episode, executed, committed=committed)
+                if soft and previous_future.shape[1] > n_act + expected:
+                    overlap = previous_future[:, n_act + expected :].copy()  # the old plan's rest
+                    overlap[new_episode] = np.nan
+            plan = controller.plan(new_episode, executed, committed=committed, overlap=overlap)
             future = plan.future
             for row in np.flatnonzero(live):
                 episodes[row].records.append(plan.records[row])
@@ -252,6 +267,12 @@ def rollout(
                 held = ~new_episode
                 actions[held, :delay] = previous_future[held, n_act : n_act + delay]
                 first_new[held] = delay
+            if config.runtime.merge == "average" and previous_future is not None:
+                # temporal ensembling: where the old chunk also planned a step, the two average
+                held, w = ~new_episode, config.runtime.merge_weight
+                overlap = slice(delay, min(n_act, previous_future.shape[1] - n_act))
+                old = previous_future[:, n_act:][:, overlap]
+                actions[held, overlap] = (1 - w) * old[held] + w * actions[held, overlap]
             previous_future = future
             done_rows = np.zeros(size, dtype=bool)
             for k in range(n_act):

@@ -13,8 +13,9 @@ sample back to actions in environment units. ``predict_action`` chains the three
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,22 @@ from policy_accel.policies import observations
 from policy_accel.policies.observations import ObservationError, describe_spec
 from policy_accel.sampling import DenoisingProblem, sample
 
-__all__ = ["Conditioning", "ConditionedDenoiser", "ObservationError", "Policy", "describe_spec"]
+__all__ = [
+    "Conditioning",
+    "ConditionedDenoiser",
+    "ObservationError",
+    "Policy",
+    "describe_spec",
+    "overlap_schedule",
+]
+
+
+def overlap_schedule(length: int) -> np.ndarray:
+    """RTC's decaying prefix weights (Black et al. 2025, eq. 5) over the ``length`` overlap
+    steps after the committed ones: ``w_k = c_k (e^{c_k} - 1) / (e - 1)`` with ``c_k = (length
+    - k) / (length + 1)``, from about 0.6 down toward 0 (1 would be committed, 0 free)."""
+    c = (length - np.arange(length)) / (length + 1)
+    return c * np.expm1(c) / math.expm1(1.0)
 
 
 class ConditionedDenoiser:
@@ -177,6 +193,7 @@ class Policy(ABC):
         scheduler: Any = None,
         num_inference_steps: int | None = None,
         committed: Tensor | np.ndarray | None = None,
+        overlap: Tensor | np.ndarray | None = None,
     ) -> DenoisingProblem:
         """The denoising problem of this observation batch (normalized units): the policy's
         scheduler (or ``scheduler``) at ``num_inference_steps``, noise from ``x_T``/``noise`` or
@@ -187,11 +204,18 @@ class Policy(ABC):
         executes whatever this plan says, e.g. while the replan is in flight: they are inpainted
         into the sample's action channels from :attr:`action_start` on, forward-noised to each
         step's level before it (:attr:`DenoisingProblem.noised`) and exact in the result, so the
-        chunk continues them. Every solver handles the mask exactly."""
+        chunk continues them. Every solver handles the mask exactly.
+
+        ``overlap [B, m, Da]`` (environment units; NaN: none) are the previous chunk's actions
+        for the ``m`` steps after the committed ones: soft inpainting over the rest of the
+        overlap (RTC's decaying prefix schedule, :func:`overlap_schedule`). Overlap action
+        ``k`` follows its old value, forward-noised, through the noisiest fraction ``w_k`` of
+        the denoising steps and is free after them (:attr:`DenoisingProblem.guide`), so the
+        new chunk bends toward the old plan where it takes over and leaves it further on."""
         conditioning = self.conditioning(obs)
         shape = self.sample_shape(conditioning.batch)
         mask = cond_data = None
-        if conditioning.known is not None or committed is not None:
+        if conditioning.known is not None or committed is not None or overlap is not None:
             cond_data = torch.zeros(shape, device=self.device)
             mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         if conditioning.known is not None:
@@ -199,12 +223,15 @@ class Policy(ABC):
             cond_data[:, :steps, -channels:] = conditioning.known
             mask[:, :steps, -channels:] = True
         noised = None
+        start = 0  # where the overlap begins, in actions from the current step
         if committed is not None:
-            noised = self._inpaint_committed(torch.as_tensor(committed), cond_data, mask)
+            committed = torch.as_tensor(committed)
+            noised = self._inpaint_committed(committed, cond_data, mask)
+            start = committed.shape[1]
         denoiser = ConditionedDenoiser(
             conditioning.network, conditioning.context, conditioning.batch
         )
-        return DenoisingProblem.from_scheduler(
+        problem = DenoisingProblem.from_scheduler(
             scheduler if scheduler is not None else self.scheduler,
             denoiser,
             num_inference_steps or self.num_inference_steps,
@@ -217,34 +244,58 @@ class Policy(ABC):
             noised=noised,
             device=self.device,
         )
+        if overlap is None:
+            return problem
+        overlap = torch.as_tensor(overlap)
+        guide = self._guide_overlap(overlap, start, cond_data, mask, problem.num_steps)
+        return replace(problem, cond_data=cond_data.to(problem.x_T), guide=guide)
 
-    def _inpaint_committed(self, committed: Tensor, cond_data: Tensor, mask: Tensor) -> Tensor:
+    def _actions_window(
+        self, actions: Tensor, start: int, cond_data: Tensor, what: str
+    ) -> tuple[Tensor, Tensor, slice, slice]:
+        """Validated ``actions [B, k, Da]`` written into ``cond_data`` (normalized) from
+        ``start`` actions after :attr:`action_start` on: (the rows' known flags ``[B, k, 1]``,
+        values, horizon window, channels)."""
         batch, steps = cond_data.shape[0], cond_data.shape[1]
-        room = steps - self.action_start
-        if (
-            committed.dim() != 3
-            or committed.shape[0] != batch
-            or committed.shape[2] != (self.action_dim)
-        ):
+        room = steps - self.action_start - start
+        if actions.dim() != 3 or actions.shape[0] != batch or actions.shape[2] != self.action_dim:
             raise ValueError(
-                f"committed actions must have shape [{batch}, d, {self.action_dim}] (rows, "
-                f"steps, action_dim). Got {tuple(committed.shape)}."
+                f"{what} actions must have shape [{batch}, k, {self.action_dim}] (rows, "
+                f"steps, action_dim). Got {tuple(actions.shape)}."
             )
-        if committed.shape[1] > room:
+        if actions.shape[1] > room:
             raise ValueError(
-                f"{committed.shape[1]} committed actions do not fit the {room} actions this "
-                "policy samples from the current step on."
+                f"{actions.shape[1]} {what} actions do not fit the {room} actions this policy "
+                f"samples from {start} steps after the current one on."
             )
-        committed = committed.to(device=self.device, dtype=torch.float32)
-        known = torch.isfinite(committed).all(dim=-1, keepdim=True)  # [B, d, 1]
-        values = self.normalize_action(torch.where(known, committed, torch.zeros_like(committed)))
-        window = slice(self.action_start, self.action_start + committed.shape[1])
+        actions = actions.to(device=self.device, dtype=torch.float32)
+        known = torch.isfinite(actions).all(dim=-1, keepdim=True)
+        values = self.normalize_action(torch.where(known, actions, torch.zeros_like(actions)))
+        window = slice(self.action_start + start, self.action_start + start + actions.shape[1])
         channels = slice(0, self.action_dim)
         cond_data[:, window, channels] = torch.where(known, values, cond_data[:, window, channels])
+        return known, values, window, channels
+
+    def _inpaint_committed(self, committed: Tensor, cond_data: Tensor, mask: Tensor) -> Tensor:
+        known, values, window, channels = self._actions_window(committed, 0, cond_data, "committed")
         mask[:, window, channels] |= known.expand_as(values)
         noised = torch.zeros_like(mask)  # forward-noised: the model was not trained on them clean
         noised[:, window, channels] = known.expand_as(values)
         return noised
+
+    def _guide_overlap(
+        self, overlap: Tensor, start: int, cond_data: Tensor, mask: Tensor, num_steps: int
+    ) -> Tensor:
+        known, values, window, channels = self._actions_window(overlap, start, cond_data, "overlap")
+        weights = torch.as_tensor(overlap_schedule(overlap.shape[1]), dtype=torch.float32)
+        # overlap action k follows its old value through the first round(w_k N) (noisiest) steps
+        until = torch.round(weights * num_steps).to(self.device)  # [m]
+        steps = torch.arange(num_steps, device=self.device).reshape(-1, 1)
+        active = (steps < until.reshape(1, -1)).to(torch.float32)  # [N, m]
+        guide = torch.zeros((num_steps, *cond_data.shape), device=self.device)
+        rows = known.to(torch.float32).expand_as(values)  # [B, m, Da]
+        guide[:, :, window, channels] = active[:, None, :, None] * rows.unsqueeze(0)
+        return guide * (~mask).to(guide.dtype)
 
     def decode(self, x0: Tensor) -> dict[str, Tensor]:
         """``action`` (``[B, n_action_steps, Da]``, from :attr:`action_start`) and

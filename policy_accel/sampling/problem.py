@@ -44,6 +44,13 @@ class DenoisingProblem:
             values in a noisy input (committed actions in real-time chunking). Written clean,
             such values put the model far off its training inputs and the parallel solvers
             needed 83-99 of 100 rounds on PushT.
+        guide: soft inpainting: ``[N, B, *event]`` (broadcastable) weights in ``[0, 1]``, zero
+            inside ``mask``. Before step ``i`` the input becomes ``x + guide[i] (k_i - x)``
+            with ``k_i`` the forward-noised ``cond_data`` as for ``noised``; the stored
+            trajectory and the final sample are the model's own (a guided entry follows its
+            known value only as strongly and as long as the weights say: RTC's decaying prefix
+            schedule over the rest of a chunk overlap). Part of the step map, so every solver
+            still equals sequential sampling of the guided problem.
     """
 
     denoiser: Denoiser
@@ -53,6 +60,7 @@ class DenoisingProblem:
     mask: Tensor | None = None
     cond_data: Tensor | None = None
     noised: Tensor | None = None
+    guide: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.rule.num_steps
@@ -81,6 +89,20 @@ class DenoisingProblem:
                 raise ValueError("noised entries are inpainted entries: pass mask and cond_data.")
             if bool((self.noised & ~self.mask).any()):
                 raise ValueError("noised must be a part of mask.")
+        if self.guide is not None:
+            if self.mask is None:
+                raise ValueError("guided entries take cond_data: pass mask (may be all false).")
+            try:
+                torch.broadcast_shapes(self.guide.shape, (n, *self.x_T.shape))
+            except RuntimeError as error:
+                raise ValueError(
+                    f"guide {tuple(self.guide.shape)} must broadcast to [num_steps, batch, "
+                    f"*event] = {(n, *self.x_T.shape)}."
+                ) from error
+            if not bool(((self.guide >= 0) & (self.guide <= 1)).all()):
+                raise ValueError("guide weights must lie in [0, 1].")
+            if bool(((self.guide > 0) & self.mask).any()):
+                raise ValueError("guide must be zero inside mask (those entries are fixed).")
         for name in ("x_T", "noise"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"{name} contains NaN or Inf.")
@@ -101,6 +123,7 @@ class DenoisingProblem:
         cond_data: Tensor | None = None,
         *,
         noised: Tensor | None = None,
+        guide: Tensor | None = None,
         eta: float = 0.0,
         use_clipped_model_output: bool = False,
         dtype: torch.dtype = torch.float32,
@@ -147,6 +170,7 @@ class DenoisingProblem:
             mask=None if mask is None else mask.to(device=device, dtype=torch.bool),
             cond_data=None if cond_data is None else cond_data.to(device=device, dtype=dtype),
             noised=None if noised is None else noised.to(device=device, dtype=torch.bool),
+            guide=None if guide is None else guide.to(device=device, dtype=dtype),
         )
 
     # --- shapes -----------------------------------------------------------------------------
@@ -178,16 +202,45 @@ class DenoisingProblem:
 
     # --- the step map -------------------------------------------------------------------------
 
-    def prepare(self, x: Tensor, positions: Tensor | int | None = None) -> Tensor:
+    def prepare(
+        self, x: Tensor, positions: Tensor | int | None = None, guided: bool = True
+    ) -> Tensor:
         """Write the inpainting condition into ``x`` (no-op without a mask): ``x [P, B,
         *event]`` at trajectory ``positions [P]``, ``x [B, *event]`` at one position (an int),
-        or the final sample (``None``)."""
+        or the final sample (``None``). ``guided``: also blend the :attr:`guide`d entries, as
+        the model's input at those positions (not in a stored trajectory)."""
         if self.mask is None:
             return x
         value = self.cond_data.to(x.dtype)
-        if self.noised is not None and positions is not None:
-            value = torch.where(self.noised, self.known_at(positions).to(x.dtype), value)
-        return torch.where(self.mask, value, x)
+        known = None
+        if positions is not None and (self.noised is not None or self.guide is not None):
+            known = self.known_at(positions).to(x.dtype)
+        if self.noised is not None and known is not None:
+            value = torch.where(self.noised, known, value)
+        out = torch.where(self.mask, value, x)
+        if guided and self.guide is not None and known is not None:
+            out = out + self.guide_at(positions).to(x.dtype) * (known - out)
+        return out
+
+    def guide_at(self, positions: Tensor | int) -> Tensor:
+        """The :attr:`guide` weights at ``positions`` (``[P, B, *event]``, or ``[B, *event]``
+        for one int position)."""
+        full = self.guide.expand(self.num_steps, *self.x_T.shape)
+        if isinstance(positions, int):
+            return full[positions]
+        return full[positions.to(full.device)]
+
+    def input_weight(self, positions: Tensor) -> Tensor:
+        """``[P, B, *event]``: the derivative of the model's input at ``positions`` by the
+        stored sample there (elementwise): 0 where inpainted, ``1 - guide`` where guided, 1
+        elsewhere."""
+        shape = (len(positions), *self.x_T.shape)
+        weight = torch.ones(shape, dtype=self.x_T.dtype, device=self.x_T.device)
+        if self.mask is not None:
+            weight = weight * (~self.mask).to(weight.dtype)
+        if self.guide is not None:
+            weight = weight * (1 - self.guide_at(positions).to(weight.dtype))
+        return weight
 
     def known_at(self, positions: Tensor | int) -> Tensor:
         """The forward-noised known values ``alpha_i c + sigma_i x_T`` at ``positions``

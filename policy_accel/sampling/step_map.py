@@ -66,7 +66,7 @@ class StepMap:
         # Inpainted entries are overwritten before every use, so the trajectory holds the known
         # value there (the next position's): constant across rounds, they never hold a solver
         # back, and no correction flows through them (the linear parts treat them as fixed).
-        return self.problem.prepare(out, positions + 1)
+        return self.problem.prepare(out, positions + 1, guided=False)
 
     def _previous_converted(self, positions: Tensor, current: Tensor) -> Tensor:
         """Converted output of each position's predecessor. A predecessor never evaluated yet
@@ -129,14 +129,11 @@ class StepMap:
         if positions is None:
             positions = torch.arange(begin, begin + positions_count, device=x.device)
         x_in = problem.prepare(x, positions)
-        free = (
-            torch.ones_like(x[0])
-            if problem.mask is None
-            else (~problem.mask).to(x.dtype).expand_as(x[0])
-        )
         basis = torch.eye(size, dtype=x.dtype, device=x.device).reshape(size, 1, 1, *event)
-        tangents = basis * free.unsqueeze(0).unsqueeze(0)  # [E, 1, B, *event]
-        tangents = tangents.expand(size, positions_count, batch, *event)
+        if problem.mask is None:
+            tangents = basis.expand(size, positions_count, batch, *event)
+        else:  # d(model input)/dx: zero where inpainted, 1 - guide where guided
+            tangents = basis * problem.input_weight(positions).unsqueeze(0)  # [E, P, B, *event]
         output, d_output = self.executor.jvp(
             problem.denoiser, x_in, rule.timesteps[positions], tangents
         )
@@ -159,7 +156,7 @@ class StepMap:
         columns = slope_x.unsqueeze(0) * tangents + slope_m.unsqueeze(0) * d_output
         J = columns.reshape(size, positions_count, batch, size).permute(1, 2, 3, 0)
         if problem.mask is not None:  # F holds the known values there: constant rows
-            J = J * free.reshape(1, batch, size, 1)
+            J = J * (~problem.mask).to(x.dtype).expand_as(x[0]).reshape(1, batch, size, 1)
         if not rule.history:
             return F, J, None
         _, slope_prev = jvp(lambda pp: step_of(x_in, output, pp), (previous,), (ones,))

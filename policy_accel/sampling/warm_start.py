@@ -86,7 +86,9 @@ def trajectory_from_predictions(problem: DenoisingProblem, x0_predictions: Tenso
     (``a`` the rule's linear coefficient, ``b_i`` the step at ``x = 0`` plus its noise), so the
     whole trajectory is one vectorised recurrence (:func:`linear_recurrence`), not a loop of N
     steps (16 ms of a warm PushT replan's host time on this CPU). Inpainted entries are written
-    before every step, so there ``x[i+1] = a_i c + b_i`` with ``c`` the known value."""
+    before every step, so there ``x[i+1] = a_i c + b_i`` with ``c`` the known value; a guided
+    entry's input is ``(1 - g_i) x[i] + g_i k_i``, so there ``x[i+1] = a_i (1 - g_i) x[i] +
+    a_i g_i k_i + b_i``."""
     rule = problem.rule
     n = problem.num_steps
     positions = torch.arange(n, device=problem.x_T.device)
@@ -98,14 +100,19 @@ def trajectory_from_predictions(problem: DenoisingProblem, x0_predictions: Tenso
     moved = rule.step(positions, zeros, converted, previous)
     offset = moved + problem.noise_term(positions, moved)
     a = rule.linear_coefficient().to(problem.x_T.device)
-    start = problem.prepare(problem.x_T, 0)
+    start = problem.prepare(problem.x_T, 0, guided=False)
+    if problem.guide is not None:
+        guide = problem.guide_at(positions).to(offset)
+        coefficient = a.to(offset).reshape((-1,) + (1,) * (offset.dim() - 1))
+        offset = offset + coefficient * guide * problem.known_at(positions).to(offset)
+        a = coefficient * (1 - guide)
     if problem.mask is not None:
         # known entries are fixed inputs (the step map stores the next position's known value
         # there), so the free entries follow their own recurrence
         free = linear_recurrence(
             start, a, torch.where(problem.mask, torch.zeros_like(offset), offset)
         )
-        trajectory = problem.prepare(free[1:], positions + 1)
+        trajectory = problem.prepare(free[1:], positions + 1, guided=False)
         trajectory = torch.cat([problem.x_T.unsqueeze(0).to(trajectory), trajectory])
         return trajectory
     trajectory = linear_recurrence(start, a, offset)

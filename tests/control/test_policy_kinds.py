@@ -158,6 +158,11 @@ def test_committed_actions_are_inpainted_for_every_kind(kind_policy, method):
     assert plan.record.committed == delay
     np.testing.assert_allclose(plan.future[0, :delay], committed, atol=1e-4)
     assert_exact(policy, plan, controller.planner.reference(plan))
+    rest = first.future[0, 1 + delay : 1 + delay + 3]  # followed softly (RTC's prefix)
+    soft = controller.replan(executed=0, committed=committed, overlap=rest)
+    assert soft.problem.guide is not None and soft.record.committed == delay
+    np.testing.assert_allclose(soft.future[0, :delay], committed, atol=1e-4)
+    assert_exact(policy, soft, controller.planner.reference(soft))
     free = np.full_like(committed, np.nan)
     free[0] = committed[0]  # only one committed action: the rest is sampled
     partial = controller.replan(executed=0, committed=free)
@@ -235,3 +240,46 @@ def test_real_time_transitions_for_every_kind(kind_policy, tmp_path):
             expected = local.plan(second, executed=1, committed=local.last_plan.future[0, 1:2])
             np.testing.assert_array_equal(reply["actions"], expected.chunk)
             assert reply["policy_timing"]["committed"] == 1
+
+
+def test_soft_transitions_for_every_kind(kind_policy, tmp_path):
+    """Soft inpainting over the rest of the overlap (``soft_inpaint``) through eval, the
+    simulated AsyncController and the server (``__overlap__``), with the default sampler."""
+    from policy_accel.control.wire import COMMITTED_KEY, EXECUTED_KEY, OVERLAP_KEY
+
+    kind, policy = kind_policy
+    n = executed(policy)
+    sampler = SamplerConfig(num_inference_steps=8)
+    length = 2 * policy.n_action_steps + 1
+    config = EvalConfig(
+        env=EnvConfig(max_episode_steps=None),
+        runtime=RuntimeConfig(vector="sync", inference_delay_steps=1, transition="soft_inpaint"),
+        eval=EvalSettings(n_episodes=1, batch_size=1, output_dir=str(tmp_path)),
+    )
+    run = rollout(
+        config,
+        sampler,
+        policy=policy,
+        env_factory=lambda: EpisodeGuard(lambda: ObservationWalk(policy, length=length)),
+    )
+    assert "error" not in run["per_episode"][0], kind
+
+    runtime = AsyncController(Controller(policy, sampler, n_action_steps=n, seed=5), "latest",
+                              transition="soft_inpaint")  # fmt: skip
+    stats = runtime.simulate(ObservationWalk(policy, length=3 * n), hz=10.0, seed=6, delay_steps=1)
+    assert stats.steps == 3 * n and all(r.committed == 1 for r in stats.records[1:]), kind
+
+    with PolicyServer(policy, sampler, port=0, n_action_steps=n, seed=7) as server:
+        local = Controller(policy, sampler, n_action_steps=n, seed=7)
+        with PolicyClient("127.0.0.1", server.port, max_message_bytes=2**24) as client:
+            first, second = steps_of(policy, seed=8, count=2)
+            request = lambda obs: {k: np.asarray(v, np.float32) for k, v in obs.items()}  # noqa: E731
+            client.infer(request(first))
+            reply = client.infer(
+                {**request(second), EXECUTED_KEY: 1, COMMITTED_KEY: 1, OVERLAP_KEY: True}
+            )
+            local.plan(first)
+            last = local.last_plan.future[0]
+            expected = local.plan(second, executed=1, committed=last[1:2], overlap=last[2:])
+            assert expected.problem.guide is not None
+            np.testing.assert_array_equal(reply["actions"], expected.chunk)

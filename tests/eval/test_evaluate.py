@@ -260,3 +260,48 @@ def test_a_delay_longer_than_the_held_chunk_counts_starved_steps(tiny_pusht_poli
         rollout(config, config.sampler, policy=tiny_pusht_policy)["per_episode"][0]["starved_steps"]
         == 0
     )
+
+
+def test_average_merge_blends_the_old_and_new_chunk_where_both_planned(tiny_pusht_policy, tmp_path):
+    """Temporal ensembling in eval: after the held actions the executed action is ``(1 - w)
+    old + w new``, so its offset from the naive switch scales with ``1 - w``."""
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)  # 12 steps
+    naive = _executed(config, tiny_pusht_policy, 3)
+    config.runtime.merge = "average"
+    offsets = {}
+    for weight in (1.0, 0.5, 0.25):
+        config.runtime.merge_weight = weight
+        merged = _executed(config, tiny_pusht_policy, 3)
+        np.testing.assert_array_equal(merged[:11], naive[:11])  # held actions 8..10 as before
+        offsets[weight] = merged[11] - naive[11]
+    np.testing.assert_array_equal(offsets[1.0], 0.0)  # only the new chunk: the naive switch
+    assert np.abs(offsets[0.5]).max() > 1e-3
+    np.testing.assert_allclose(offsets[0.25], 1.5 * offsets[0.5], rtol=1e-4, atol=1e-5)
+
+
+def test_n_action_steps_override_and_soft_transition(tiny_pusht_policy, tmp_path):
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    config.runtime.n_action_steps = 4
+    run = rollout(config, config.sampler, policy=tiny_pusht_policy)
+    assert run["per_episode"][0]["replans"] == 3  # 12 steps, 4 per replan
+    config.runtime.n_action_steps = None
+    config.runtime.transition = "inpaint"
+    hard = _executed(config, tiny_pusht_policy, 3)
+    config.runtime.transition = "soft_inpaint"
+    soft = _executed(config, tiny_pusht_policy, 3)
+    np.testing.assert_array_equal(hard[:11], soft[:11])  # the same held actions
+    assert not np.allclose(hard[11], soft[11])  # the rest of the overlap guided the replan
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("merge", "median", "runtime.merge must be one of"),
+        ("merge_weight", 0.0, r"runtime.merge_weight must be in \(0, 1\]"),
+        ("n_action_steps", 0, "runtime.n_action_steps must be a positive int"),
+        ("transition", "rtc", "runtime.transition must be one of"),
+    ],
+)
+def test_runtime_keys_are_validated(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        EvalConfig(runtime=RuntimeConfig(**{key: value}))

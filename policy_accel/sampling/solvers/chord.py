@@ -97,11 +97,19 @@ def chord(
     coefficient = problem.rule.linear_coefficient().to(x_T)
     eye = torch.eye(size, dtype=x_T.dtype, device=x_T.device)
     picard_part = coefficient.reshape(-1, 1, 1, 1) * eye.expand(problem.batch_size, size, size)
-    linear = picard_part.clone() if estimate is None else estimate.dense(coefficient).to(x_T)
+    free = None
     if problem.mask is not None:  # inpainted entries are fixed: no rows, no columns
         free = (~problem.mask).to(x_T.dtype).expand_as(x_T).reshape(1, problem.batch_size, size)
-        picard_part = picard_part * free.unsqueeze(-1) * free.unsqueeze(-2)
-        linear = linear * free.unsqueeze(-1) * free.unsqueeze(-2)
+        # and the model sees guided entries scaled by 1 - guide (a measured estimate has it)
+        steps = torch.arange(problem.num_steps, device=x_T.device)
+        columns = problem.input_weight(steps).reshape(-1, problem.batch_size, 1, size)
+        picard_part = picard_part * free.unsqueeze(-1) * columns
+    if estimate is None:
+        linear = picard_part.clone()
+    else:
+        linear = estimate.dense(coefficient).to(x_T)
+        if free is not None:
+            linear = linear * free.unsqueeze(-1) * free.unsqueeze(-2)
     state = {"last": math.inf, "plain": False}
     n, batch = problem.num_steps, problem.batch_size
     seen = torch.zeros(n, dtype=torch.bool, device=x_T.device)
@@ -112,7 +120,9 @@ def chord(
         positions = torch.arange(begin, end, device=x.device)
         inputs = x[begin:end]
         F = step_map(positions, inputs)
-        flat_x = problem.prepare(inputs, positions).reshape(end - begin, batch, size, 1)
+        flat_x = problem.prepare(inputs, positions, guided=False).reshape(
+            end - begin, batch, size, 1
+        )  # the secant acts on the stored trajectory, as the scan does
         flat_F = F.reshape(end - begin, batch, size, 1)
         J = linear[begin:end]
         if options.secant and not state["plain"]:

@@ -25,6 +25,7 @@ from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers.options import WindowOptions
+from policy_accel.sampling.solvers.scan import linear_recurrence
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
 
@@ -45,8 +46,16 @@ def paradigms(
 
     def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, None]:
         positions = torch.arange(begin, end, device=x.device)
-        drift = step_map(positions, x[begin:end]) - x[begin:end]
-        new = x[begin].unsqueeze(0) + torch.cumsum(drift, dim=0)
+        F = step_map(positions, x[begin:end])
+        if problem.guide is None:
+            new = x[begin].unsqueeze(0) + torch.cumsum(F - x[begin:end], dim=0)
+        else:
+            # the cumulative drift takes every step's slope as 1; a guided entry's input moves
+            # by only (1 - g) of its sample's change (0 while fully guided, where summing the
+            # drift diverges), so its corrections carry over scaled by that
+            old = x[begin + 1 : end + 1]
+            weight = problem.input_weight(positions)
+            new = old + linear_recurrence(torch.zeros_like(old[0]), weight, F - old)[1:]
         return new, new - x[begin + 1 : end + 1], None
 
     return solve_by_windows(step_map, iterate, method="paradigms", init=init, options=options)

@@ -59,10 +59,13 @@ def diagonal_scan(
 
 
 def linear_recurrence(start: Tensor, coefficient: Tensor, offset: Tensor) -> Tensor:
-    """``x[0] = start``, ``x[i+1] = a_i x[i] + c_i`` for ``a = coefficient [N]`` and ``c =
-    offset [N, *shape]``, all ``N + 1`` values at once: ``x[i+1] = A_i (start + sum_{j<=i} c_j /
-    A_j)`` with ``A = cumprod(a)`` in float64 (a loop when the products underflow)."""
+    """``x[0] = start``, ``x[i+1] = a_i x[i] + c_i`` for ``a = coefficient`` (``[N]``, or
+    elementwise ``[N, *shape]``) and ``c = offset [N, *shape]``, all ``N + 1`` values at once:
+    ``x[i+1] = A_i (start + sum_{j<=i} c_j / A_j)`` with ``A = cumprod(a)`` in float64 (a loop
+    when the products underflow)."""
     a = coefficient.to(torch.float64)
+    if a.dim() == 1:
+        a = a.reshape((-1,) + (1,) * (offset.dim() - 1))
     products = torch.cumprod(a, dim=0)
     out = torch.empty((offset.shape[0] + 1, *offset.shape[1:]), dtype=offset.dtype,
                       device=offset.device)  # fmt: skip
@@ -71,9 +74,8 @@ def linear_recurrence(start: Tensor, coefficient: Tensor, offset: Tensor) -> Ten
         for i in range(offset.shape[0]):
             out[i + 1] = coefficient[i] * out[i] + offset[i]
         return out
-    shape = (-1,) + (1,) * (offset.dim() - 1)
-    scaled = torch.cumsum(offset.to(torch.float64) / products.reshape(shape), dim=0)
-    out[1:] = ((start.to(torch.float64).unsqueeze(0) + scaled) * products.reshape(shape)).to(out)
+    scaled = torch.cumsum(offset.to(torch.float64) / products, dim=0)
+    out[1:] = ((start.to(torch.float64).unsqueeze(0) + scaled) * products).to(out)
     return out
 
 
