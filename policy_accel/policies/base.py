@@ -261,9 +261,10 @@ class Policy(ABC):
         batch, steps = cond_data.shape[0], cond_data.shape[1]
         room = steps - self.action_start - start
         if actions.dim() != 3 or actions.shape[0] != batch or actions.shape[2] != self.action_dim:
+            steps_name = "d" if what == "committed" else "m"
             raise ValueError(
-                f"{what} actions must have shape [{batch}, k, {self.action_dim}] (rows, "
-                f"steps, action_dim). Got {tuple(actions.shape)}."
+                f"{what} actions must have shape [{batch}, {steps_name}, {self.action_dim}] "
+                f"(rows, steps, action_dim). Got {tuple(actions.shape)}."
             )
         if actions.shape[1] > room:
             raise ValueError(
