@@ -156,11 +156,15 @@ def _interval(diff: dict | None) -> str:
     )
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def format_table(rows: list[dict], task: str) -> str:
     lines = [
-        "| n_act | delay | transition | sampler | success | vs zero delay, 95% | jump (mean) "
-        "| jump vs naive | jerk | rounds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| n_act | delay | transition | sampler | success | vs zero delay, 95% | score "
+        "| jump (mean) | jump vs naive | step (mean) | jerk | rounds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {t: i for i, t in enumerate(TRANSITIONS)}
     chosen = [r for r in rows if r["task"] == task]
@@ -172,9 +176,9 @@ def format_table(rows: list[dict], task: str) -> str:
         lines.append(
             f"| {r['n_action_steps']} | {r['delay']} | {r['transition']} | {r['sampler']} "
             f"| {r['pc_success']:.0f}% ({r['episodes']}) "
-            f"| {_interval(r.get('success_diff_vs_zero_delay'))} "
+            f"| {_interval(r.get('success_diff_vs_zero_delay'))} | {r['mean_score']:.3f} "
             f"| {r['boundary_jump_mean']:.2f} | {'' if ratio is None else f'{ratio:.2f}x'} "
-            f"| {r['jerk_mean']:.1f} | {r['rounds_mean']:.1f} |"
+            f"| {_number(r.get('step_mean'))} | {r['jerk_mean']:.1f} | {r['rounds_mean']:.1f} |"
         )
     return "\n".join(lines)
 

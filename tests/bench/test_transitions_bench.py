@@ -26,7 +26,8 @@ def _saved(directory, cell, successes, jump):
         "cell": cell.__dict__,
         "episodes": len(successes),
         "aggregated": {"n_episodes": len(successes), "pc_success": 100.0 * sum(successes)
-                       / len(successes), "boundary_jump_mean": jump, "jerk_mean": 1.0},
+                       / len(successes), "boundary_jump_mean": jump, "jerk_mean": 1.0,
+                       "mean_score": 0.5},
         "rounds_mean": 100.0,
         "per_episode": per_episode,
     }  # fmt: skip
@@ -51,7 +52,7 @@ def test_report_pairs_each_cell_with_its_zero_delay_sequential_run(tmp_path):
     output.parent.mkdir()
     report(tmp_path, output)
     table = output.with_suffix(".md").read_text()
-    assert "| 8 | 2 | inpaint | sequential | 75% (4) | -25 (" in table and "0.40x" in table
+    assert "| 8 | 2 | inpaint | sequential | 75% (4) | -25 (" in table and "| 0.40x | - |" in table
     assert (output.parent / "transitions_pusht.png").stat().st_size > 0
 
 
