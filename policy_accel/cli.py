@@ -19,6 +19,24 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_lerobot(args: argparse.Namespace) -> int:
+    import json
+
+    from policy_accel.policies.lerobot_export import export_lerobot, robot_state_size
+    from policy_accel.policies.loading import load_policy
+
+    source = Path(args.source)
+    state_size = args.state_size
+    if state_size is None:
+        env_file = source / "env.json"
+        if not env_file.is_file():
+            raise SystemExit(f"{source} has no env.json to read the task from; pass --state-size.")
+        state_size = robot_state_size(json.loads(env_file.read_text())["env"])
+    destination = export_lerobot(load_policy(source), args.destination, state_size)
+    print(f"wrote {destination} (LeRobot: DiffusionPolicy.from_pretrained and its processors)")
+    return 0
+
+
 def _demos(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -299,6 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("source", help="path to a .ckpt or .ckpt.xz file")
     convert.add_argument("destination", help="directory to write")
     convert.set_defaults(run=_convert)
+    export = commands.add_parser(
+        "export-lerobot",
+        help="write a lowdim UNet checkpoint in LeRobot's format (config, weights, processors)",
+    )
+    export.add_argument("source", help="a checkpoint directory policy_accel loads")
+    export.add_argument("destination", help="directory to write")
+    export.add_argument(
+        "--state-size",
+        type=int,
+        help="trailing observation entries that are the robot state (default: from env.json)",
+    )
+    export.set_defaults(run=_export_lerobot)
 
     demos = commands.add_parser(
         "demos", help="record scripted-expert demonstrations as a DiffusionPolicy zarr buffer"
