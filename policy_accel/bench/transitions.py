@@ -14,8 +14,9 @@ see :mod:`policy_accel.eval.evaluate`). The sweep runs every shipped task at del
 
 sampled sequentially (exact DDPM) and by the default parallel solver warm-started, on the same
 50 held-out seeds and noise. Per cell: success and its paired difference to the zero-delay
-sequential run (95% interval), mean score, the action jump where a new chunk takes over, jerk,
-starved steps, rounds and latency per replan. Each cell is saved as it finishes under
+sequential run of the shipped chunk length (95% interval), mean score, the action jump where a
+new chunk takes over, the motion within a chunk, jerk, starved steps, rounds and latency per
+replan. Each cell is saved as it finishes under
 ``benchmarks/results/transitions/`` (an interrupted sweep resumes; ``--shard i/k`` splits the
 cells between processes), and ``--report`` writes ``transitions.json``, a markdown table and
 one plot per task from whatever cells exist.
@@ -114,13 +115,17 @@ def load_cells(directory: Path) -> dict[Cell, dict]:
     return found
 
 
-def summarize(found: dict[Cell, dict]) -> list[dict]:
-    """One row per cell: its aggregates, the paired success difference to its zero-delay
-    sequential reference and the boundary jump relative to the naive switch of its delay."""
+def summarize(found: dict[Cell, dict], shipped: dict[str, int] | None = None) -> list[dict]:
+    """One row per cell: its aggregates, the paired success difference to the zero-delay
+    sequential run (of the task's shipped chunk length ``shipped[task]`` when given, else of
+    the cell's own) and the boundary jump relative to the naive switch of its delay."""
     rows = []
     for cell, data in sorted(found.items(), key=lambda kv: kv[0].key):
         agg = data["aggregated"]
-        reference = found.get(cell.reference())
+        base = cell.reference()
+        if shipped and cell.task in shipped:
+            base = Cell(cell.task, shipped[cell.task], 0, "naive", "sequential")
+        reference = found.get(base)
         naive = found.get(Cell(cell.task, cell.n_action_steps, cell.delay, "naive", cell.sampler))
         row = {
             **asdict(cell),
@@ -135,7 +140,7 @@ def summarize(found: dict[Cell, dict]) -> list[dict]:
             "rounds_mean": data.get("rounds_mean"),
             "latency_ms_p50": data.get("latency_ms_p50"),
         }
-        if reference is not None and cell != cell.reference():
+        if reference is not None and cell != base:
             row["success_diff_vs_zero_delay"] = paired_difference(
                 data["per_episode"], reference["per_episode"]
             )
@@ -156,13 +161,13 @@ def _interval(diff: dict | None) -> str:
     )
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def format_table(rows: list[dict], task: str) -> str:
     lines = [
-        "| n_act | delay | transition | sampler | success | vs zero delay, 95% | score "
+        "| n_act | delay | transition | sampler | success | vs shipped zero delay, 95% | score "
         "| jump (mean) | jump vs naive | step (mean) | jerk | rounds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -177,8 +182,9 @@ def format_table(rows: list[dict], task: str) -> str:
             f"| {r['n_action_steps']} | {r['delay']} | {r['transition']} | {r['sampler']} "
             f"| {r['pc_success']:.0f}% ({r['episodes']}) "
             f"| {_interval(r.get('success_diff_vs_zero_delay'))} | {r['mean_score']:.3f} "
-            f"| {r['boundary_jump_mean']:.2f} | {'' if ratio is None else f'{ratio:.2f}x'} "
-            f"| {_number(r.get('step_mean'))} | {r['jerk_mean']:.1f} | {r['rounds_mean']:.1f} |"
+            f"| {_number(r['boundary_jump_mean'])} | {'' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {_number(r.get('step_mean'))} | {_number(r['jerk_mean'], 1)} "
+            f"| {_number(r['rounds_mean'], 1)} |"
         )
     return "\n".join(lines)
 
@@ -202,7 +208,8 @@ def plot(rows: list[dict], task: str, path: Path) -> None:
         )  # fmt: skip
         if len(points) < 2:
             continue
-        delays = [r["delay"] for r in points]
+        nudge = 0.06 * (TRANSITIONS.index(name) - 1.5)  # side by side, so the bars stay apart
+        delays = [r["delay"] + nudge for r in points]
         success = [r["pc_success"] for r in points]
         low, high = [], []
         for r in points:
@@ -215,7 +222,8 @@ def plot(rows: list[dict], task: str, path: Path) -> None:
         label = f"{name}, n_act {n}"
         style = {"color": colors[name], "linestyle": linestyle, "marker": "o", "label": label}
         left.errorbar(delays, success, yerr=[low, high], capsize=3, **style)
-        right.plot(delays, [r["boundary_jump_mean"] for r in points], **style)
+        jumps = [r["boundary_jump_mean"] for r in points]
+        right.plot(delays, [float("nan") if j is None else j for j in jumps], **style)
     left.set(xlabel="inference delay (control steps)", ylabel="success (%)",
              title=f"{task}: success (95% paired interval vs zero delay)")  # fmt: skip
     right.set(xlabel="inference delay (control steps)", ylabel="mean |a_new - a_old|",
@@ -226,10 +234,11 @@ def plot(rows: list[dict], task: str, path: Path) -> None:
     plt.close(fig)
 
 
-def report(directory: Path, output: Path) -> dict:
+def report(directory: Path, output: Path, shipped: dict[str, int] | None = None) -> dict:
     found = load_cells(directory)
-    rows = summarize(found)
-    result = {"benchmark": "transitions", "machine": machine(), "rows": rows}
+    rows = summarize(found, shipped)
+    result = {"benchmark": "transitions", "machine": machine(), "shipped_n_action_steps": shipped,
+              "rows": rows}  # fmt: skip
     write_json(output, result)
     tables = []
     for task in sorted({r["task"] for r in rows}):
@@ -237,6 +246,14 @@ def report(directory: Path, output: Path) -> dict:
         plot(rows, task, output.with_name(f"transitions_{task}.png"))
     output.with_suffix(".md").write_text("\n".join(tables))
     return result
+
+
+def shipped_chunks() -> dict[str, int]:
+    """Each shipped task's checkpoint ``n_action_steps`` (the zero-delay reference's)."""
+    return {
+        name: load_policy(spec["path"]).n_action_steps
+        for name, spec in shipped_checkpoints(CHECKPOINTS).items()
+    }
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -264,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report:
-        result = report(args.cells_dir, args.output)
+        result = report(args.cells_dir, args.output, shipped_chunks())
         print(args.output.with_suffix(".md").read_text())
         return result
     available = shipped_checkpoints(CHECKPOINTS)
@@ -297,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"{data['wall_s']:.0f} s",
             flush=True,
         )
-    return report(args.cells_dir, args.output)
+    return report(args.cells_dir, args.output, shipped_chunks())
 
 
 if __name__ == "__main__":

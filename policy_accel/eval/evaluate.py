@@ -264,9 +264,11 @@ def rollout(
             actions = future[:, :n_act].copy()
             first_new = np.zeros(size, dtype=int)  # the cycle step where the new chunk starts
             if delay > 0 and previous_future is not None:
-                held = ~new_episode
-                actions[held, :delay] = previous_future[held, n_act : n_act + delay]
-                first_new[held] = delay
+                held, hold = ~new_episode, min(delay, n_act)
+                actions[held, :hold] = previous_future[held, n_act : n_act + hold]
+                # a delay of a whole cycle or more runs only the previous plan's actions: its
+                # takeover from the plan before it is at the cycle's first step
+                first_new[held] = hold if hold < n_act else 0
             if config.runtime.merge == "average" and previous_future is not None:
                 # temporal ensembling: where the old chunk also planned a step, the two average
                 held, w = ~new_episode, config.runtime.merge_weight

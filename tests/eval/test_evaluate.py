@@ -305,3 +305,17 @@ def test_n_action_steps_override_and_soft_transition(tiny_pusht_policy, tmp_path
 def test_runtime_keys_are_validated(key, value, match):
     with pytest.raises(ValueError, match=match):
         EvalConfig(runtime=RuntimeConfig(**{key: value}))
+
+
+def test_a_delay_of_a_whole_chunk_holds_the_previous_plan_and_records_its_takeover(
+    tiny_pusht_policy, tmp_path
+):
+    """With a delay of n_action_steps or more each cycle runs only the previous plan's later
+    actions; the boundary is where they take over, and a longer delay does not break the engine."""
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)  # 12 steps
+    config.runtime.n_action_steps = 4
+    for delay in (4, 6):
+        config.runtime.inference_delay_steps = delay
+        run = rollout(config, config.sampler, policy=tiny_pusht_policy)
+        episode = run["per_episode"][0]
+        assert episode["steps"] == 12 and episode["boundary_jump_mean"] is not None, delay
