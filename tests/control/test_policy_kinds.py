@@ -198,19 +198,17 @@ def test_the_default_sampler_drives_every_kind(kind_policy):
         assert error <= 1e-2, error
 
 
-def test_real_time_transitions_for_every_kind(kind_policy, tmp_path):
-    """Inpainted transitions through eval (held actions), the simulated AsyncController and the
-    server (a request's executed and committed counts), with the default sampler (warm chord)."""
-    from policy_accel.control.wire import COMMITTED_KEY, EXECUTED_KEY
+def _transition_layers(policy, tmp_path, transition: str, delay: int) -> dict:
+    """One episode through eval, one simulated AsyncController run and one server request pair
+    with ``transition``, the default sampler (warm chord); what each layer produced."""
+    from policy_accel.control.wire import COMMITTED_KEY, EXECUTED_KEY, OVERLAP_KEY
 
-    kind, policy = kind_policy
     n = executed(policy)
     sampler = SamplerConfig(num_inference_steps=8)
-    room = policy.event_shape[policy.horizon_axis] - policy.action_start
     length = 2 * policy.n_action_steps + 1
     config = EvalConfig(
         env=EnvConfig(max_episode_steps=None),
-        runtime=RuntimeConfig(vector="sync", inference_delay_steps=2, transition="inpaint"),
+        runtime=RuntimeConfig(vector="sync", inference_delay_steps=delay, transition=transition),
         eval=EvalSettings(n_episodes=1, batch_size=1, output_dir=str(tmp_path)),
     )
     run = rollout(
@@ -219,67 +217,51 @@ def test_real_time_transitions_for_every_kind(kind_policy, tmp_path):
         policy=policy,
         env_factory=lambda: EpisodeGuard(lambda: ObservationWalk(policy, length=length)),
     )
-    episode = run["per_episode"][0]
-    held = min(2, room - policy.n_action_steps)  # what the previous chunk holds past its part
-    assert episode["committed_actions"] == 2 * held and "error" not in episode, kind
-    assert episode["jerk"] is not None
-
     runtime = AsyncController(Controller(policy, sampler, n_action_steps=n, seed=5), "latest",
-                              transition="inpaint")  # fmt: skip
+                              transition=transition)  # fmt: skip
     stats = runtime.simulate(ObservationWalk(policy, length=3 * n), hz=10.0, seed=6, delay_steps=1)
-    assert stats.steps == 3 * n and all(r.committed == 1 for r in stats.records[1:]), kind
-
+    soft = transition == "soft_inpaint"
     with PolicyServer(policy, sampler, port=0, n_action_steps=n, seed=7) as server:
         local = Controller(policy, sampler, n_action_steps=n, seed=7)
         with PolicyClient("127.0.0.1", server.port, max_message_bytes=2**24) as client:
             first, second = steps_of(policy, seed=8, count=2)
             request = lambda obs: {k: np.asarray(v, np.float32) for k, v in obs.items()}  # noqa: E731
             client.infer(request(first))
-            reply = client.infer({**request(second), EXECUTED_KEY: 1, COMMITTED_KEY: 1})
+            timing = {EXECUTED_KEY: 1, COMMITTED_KEY: 1, **({OVERLAP_KEY: True} if soft else {})}
+            reply = client.infer({**request(second), **timing})
             local.plan(first)
-            expected = local.plan(second, executed=1, committed=local.last_plan.future[0, 1:2])
-            np.testing.assert_array_equal(reply["actions"], expected.chunk)
-            assert reply["policy_timing"]["committed"] == 1
+            last = local.last_plan.future[0]
+            expected = local.plan(
+                second, executed=1, committed=last[1:2], overlap=last[2:] if soft else None
+            )
+    return {"episode": run["per_episode"][0], "stats": stats, "reply": reply, "expected": expected}
+
+
+def test_real_time_transitions_for_every_kind(kind_policy, tmp_path):
+    """Inpainted transitions through eval (held actions), the simulated AsyncController and the
+    server (a request's executed and committed counts), with the default sampler (warm chord)."""
+    kind, policy = kind_policy
+    n = executed(policy)
+    room = policy.event_shape[policy.horizon_axis] - policy.action_start
+    out = _transition_layers(policy, tmp_path, "inpaint", delay=2)
+    episode = out["episode"]
+    held = min(2, room - policy.n_action_steps)  # what the previous chunk holds past its part
+    assert episode["committed_actions"] == 2 * held and "error" not in episode, kind
+    assert episode["jerk"] is not None
+    stats = out["stats"]
+    assert stats.steps == 3 * n and all(r.committed == 1 for r in stats.records[1:]), kind
+    np.testing.assert_array_equal(out["reply"]["actions"], out["expected"].chunk)
+    assert out["reply"]["policy_timing"]["committed"] == 1
 
 
 def test_soft_transitions_for_every_kind(kind_policy, tmp_path):
     """Soft inpainting over the rest of the overlap (``soft_inpaint``) through eval, the
     simulated AsyncController and the server (``__overlap__``), with the default sampler."""
-    from policy_accel.control.wire import COMMITTED_KEY, EXECUTED_KEY, OVERLAP_KEY
-
     kind, policy = kind_policy
     n = executed(policy)
-    sampler = SamplerConfig(num_inference_steps=8)
-    length = 2 * policy.n_action_steps + 1
-    config = EvalConfig(
-        env=EnvConfig(max_episode_steps=None),
-        runtime=RuntimeConfig(vector="sync", inference_delay_steps=1, transition="soft_inpaint"),
-        eval=EvalSettings(n_episodes=1, batch_size=1, output_dir=str(tmp_path)),
-    )
-    run = rollout(
-        config,
-        sampler,
-        policy=policy,
-        env_factory=lambda: EpisodeGuard(lambda: ObservationWalk(policy, length=length)),
-    )
-    assert "error" not in run["per_episode"][0], kind
-
-    runtime = AsyncController(Controller(policy, sampler, n_action_steps=n, seed=5), "latest",
-                              transition="soft_inpaint")  # fmt: skip
-    stats = runtime.simulate(ObservationWalk(policy, length=3 * n), hz=10.0, seed=6, delay_steps=1)
+    out = _transition_layers(policy, tmp_path, "soft_inpaint", delay=1)
+    assert "error" not in out["episode"], kind
+    stats = out["stats"]
     assert stats.steps == 3 * n and all(r.committed == 1 for r in stats.records[1:]), kind
-
-    with PolicyServer(policy, sampler, port=0, n_action_steps=n, seed=7) as server:
-        local = Controller(policy, sampler, n_action_steps=n, seed=7)
-        with PolicyClient("127.0.0.1", server.port, max_message_bytes=2**24) as client:
-            first, second = steps_of(policy, seed=8, count=2)
-            request = lambda obs: {k: np.asarray(v, np.float32) for k, v in obs.items()}  # noqa: E731
-            client.infer(request(first))
-            reply = client.infer(
-                {**request(second), EXECUTED_KEY: 1, COMMITTED_KEY: 1, OVERLAP_KEY: True}
-            )
-            local.plan(first)
-            last = local.last_plan.future[0]
-            expected = local.plan(second, executed=1, committed=last[1:2], overlap=last[2:])
-            assert expected.problem.guide is not None
-            np.testing.assert_array_equal(reply["actions"], expected.chunk)
+    assert out["expected"].problem.guide is not None
+    np.testing.assert_array_equal(out["reply"]["actions"], out["expected"].chunk)
