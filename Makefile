@@ -14,7 +14,10 @@ export MKL_NUM_THREADS ?= 1
 # (about 4 minutes and 5 GB to build here, the torch pair matching the LeRobot fixtures').
 LEROBOT_VENV := .venv-lerobot
 LEROBOT_STAMP := $(LEROBOT_VENV)/.installed
-PYTHON312 ?= $(shell command -v python3.12 || command -v python3.13)
+# the first candidate that runs: a pyenv shim is on PATH even where its version is not selected
+# (it exits 127), so each is tried, then pyenv's own installs
+PYTHON312 ?= $(shell for p in python3.12 python3.13 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[23]*/bin/python3; do \
+	"$$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { command -v "$$p"; break; }; done)
 LEROBOT_PACKAGES := 'lerobot[diffusion]==0.6.1' torch==2.11.0 torchvision==0.26.0 gym-pusht==0.1.8 pytest websockets msgpack
 
 .PHONY: test test-lerobot demo install clean
