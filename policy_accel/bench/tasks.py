@@ -1,20 +1,33 @@
 """Task reward of the shipped checkpoints: ``python -m policy_accel.bench.tasks``.
 
 Every checkpoint in ``checkpoints/`` (a directory with ``env.json`` naming its task) runs closed
-loop on held-out seeds with its own 100-step DDPM, through the evaluation engine
-(:func:`policy_accel.eval.evaluate.rollout`: batched envs, per-episode noise streams), sampled
-sequentially and by each parallel solver warm-started at its default tolerance, on the same seeds
-and noise. Reported per solver: success rate, mean score, rounds and model evaluations per replan,
-latency, and the paired success difference to sequential with its 95% interval. (Replan-by-replan
-exactness against sequential is measured by ``bench.control``.) Results in
-``benchmarks/results/tasks.json``.
+loop on held-out seeds through the evaluation engine (:func:`policy_accel.eval.evaluate.rollout`:
+batched envs, per-episode noise streams), once per sampler on the same seeds and noise:
+
+* ``sequential``: the checkpoint's own 100-step DDPM, exact (the reference);
+* ``ddim10``, ``ddim16``: what users pick instead, sequential DDIM in 10 and 16 steps on the
+  checkpoint's training schedule (a different, cheaper sampler, not the DDPM-100 sample);
+* ``picard``, ``paradigms``, ``taa``, ``srds``, ``newton``, ``chord``: each parallel solver
+  warm-started at its default tolerance, which converge to the DDPM-100 sample.
+
+Per cell (task x sampler): success, mean score, rounds (sequential batched model calls: the
+latency unit on a GPU) and model evaluations per replan, latency per batched replan, and the
+paired success difference to ``sequential`` on the seeds both ran, with its 95% interval.
+Solvers too slow on a CPU for every seed run the first ``--limit METHOD=N`` seeds (defaults in
+:data:`LIMITS`; the default solver, chord, runs all of them). Each cell is saved as it finishes
+under ``benchmarks/results/tasks/`` (an interrupted run resumes; ``--shard i/k`` splits cells
+between processes), and ``--report`` writes ``tasks.json``, ``tasks.md`` (one table per task) and
+``tasks.png`` (success with intervals and rounds per sampler across the tasks) from the saved
+cells. Replan-by-replan exactness and interleaved latency ratios are ``bench.control``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +48,32 @@ from policy_accel.policies.loading import load_policy
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"
 RESULTS = Path("benchmarks/results/tasks.json")
-METHODS = ("sequential", "picard", "paradigms", "taa", "srds", "newton")
+CELLS_DIR = Path("benchmarks/results/tasks")
+SOLVER_METHODS = ("picard", "paradigms", "taa", "srds", "newton", "chord")
+SAMPLERS = {
+    "sequential": SamplerConfig(method="sequential", warm_start=False),
+    "ddim10": SamplerConfig(
+        method="sequential", warm_start=False, scheduler="ddim", num_inference_steps=10
+    ),
+    "ddim16": SamplerConfig(
+        method="sequential", warm_start=False, scheduler="ddim", num_inference_steps=16
+    ),
+    **{m: SamplerConfig(method=m, warm_start=True) for m in SOLVER_METHODS},
+}
+DEFAULT_SAMPLER = "chord"  # the Controller's and the server's default
+# seeds per solver on a 2-core CPU, where a round over a whole chunk of 10 rows costs ~5-30
+# sequential calls (newton's JVP directions many more); every other sampler runs all of them
+LIMITS = {"picard": 20, "taa": 20, "paradigms": 10, "srds": 10, "newton": 2}
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    sampler: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}_{self.sampler}"
 
 
 def shipped_checkpoints(root: Path = CHECKPOINTS) -> dict[str, dict]:
@@ -67,119 +105,248 @@ def task_config(
     )
 
 
-def evaluate(
-    name: str,
-    spec: dict,
-    methods: list[str],
-    episodes: int,
-    batch_size: int,
-    limits: dict[str, int] | None = None,
-    log=None,
-    on_row=None,
-) -> dict:
-    policy = load_policy(spec["path"])
-    config = task_config(spec, episodes, batch_size)
-    rows, reference = [], None
-    result = {
-        "checkpoint": name,
-        "env": spec["env"],
-        "obs": spec.get("obs"),
-        "seeds": [spec["eval_seed"], spec["eval_seed"] + episodes - 1],
+def run_cell(cell: Cell, spec: dict, episodes: int, batch_size: int, policy=None) -> dict:
+    """One sampler on one task's first ``episodes`` held-out seeds: the saved cell."""
+    sampler = SAMPLERS[cell.sampler]
+    start = time.perf_counter()
+    run = rollout(task_config(spec, episodes, batch_size), sampler, policy=policy)
+    latency = run["latency"]
+    return {
+        "cell": asdict(cell),
+        "sampler": sampler.to_dict(),
+        "episodes": episodes,
         "batch_size": batch_size,
-        "num_inference_steps": policy.num_inference_steps,
+        "wall_s": time.perf_counter() - start,
+        "load_average": _load_average(),
+        "aggregated": run["aggregated"],
+        **{key: latency.get(key) for key in ("rounds_mean", "rounds_p90", "model_evals_mean",
+                                              "converged_fraction", "latency_ms_p50")},
+        "per_episode": run["per_episode"],
+    }  # fmt: skip
+
+
+def load_cells(directory: Path, cell_type: type = Cell) -> dict:
+    """The saved cells of a sweep (``cell_type -> data``)."""
+    found = {}
+    for path in sorted(directory.glob("*.json")):
+        data = json.loads(path.read_text())
+        found[cell_type(**data["cell"])] = data
+    return found
+
+
+def summarize(found: dict[Cell, dict]) -> list[dict]:
+    """One row per cell, with the paired success difference to its task's sequential cell."""
+    rows = []
+    for cell, data in sorted(found.items(), key=lambda kv: kv[0].key):
+        agg = data["aggregated"]
+        reference = found.get(Cell(cell.task, "sequential"))
+        row = {
+            **asdict(cell),
+            "episodes": agg.get("n_episodes"),
+            "errors": agg.get("n_errors", 0),
+            "pc_success": agg.get("pc_success"),
+            "successes": sum(bool(e.get("success")) for e in data["per_episode"]),
+            "mean_score": agg.get("mean_score"),
+            "rounds_mean": data.get("rounds_mean"),
+            "rounds_p90": data.get("rounds_p90"),
+            "model_evals_mean": data.get("model_evals_mean"),
+            "converged_fraction": data.get("converged_fraction"),
+            "latency_ms_p50": data.get("latency_ms_p50"),
+            "batch_size": data.get("batch_size"),
+            "wall_s": data.get("wall_s"),
+        }
+        if reference is not None and cell.sampler != "sequential":
+            row["success_diff_vs_sequential"] = paired_difference(
+                data["per_episode"], reference["per_episode"]
+            )
+        rows.append(row)
+    return rows
+
+
+def interval(diff: dict | None, missing: str = "-") -> str:
+    """``+d (low..high)`` of a paired success difference in percentage points; ``missing``
+    where there is none, ``-`` where it has no interval (one pair)."""
+    if diff is None:
+        return missing
+    if diff.get("ci95_low") is None:
+        return "-"
+    return (
+        f"{100 * diff['diff']:+.0f} ({100 * diff['ci95_low']:+.0f}..{100 * diff['ci95_high']:+.0f})"
+    )
+
+
+def _label(sampler: str) -> str:
+    if sampler in SOLVER_METHODS:
+        return (
+            f"**{sampler}** (warm, default)" if sampler == DEFAULT_SAMPLER else f"{sampler} (warm)"
+        )
+    return {"sequential": "sequential DDPM-100", "ddim10": "DDIM-10", "ddim16": "DDIM-16"}[sampler]
+
+
+def format_table(rows: list[dict], task: str) -> str:
+    lines = [
+        "| sampler | episodes | success | vs sequential, same seeds (pp, 95%) | mean score "
+        "| rounds / replan (mean, p90) | model evals / replan | p50 ms / batched replan |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {name: i for i, name in enumerate(SAMPLERS)}
+    for r in sorted((r for r in rows if r["task"] == task), key=lambda r: order[r["sampler"]]):
+        lines.append(
+            f"| {_label(r['sampler'])} | {r['episodes']} | {r['pc_success']:.0f}% "
+            f"({r['successes']}/{r['episodes']}) | {interval(r.get('success_diff_vs_sequential'))} "
+            f"| {r['mean_score']:.3f} | {r['rounds_mean']:.1f}, {r['rounds_p90']:.0f} "
+            f"| {r['model_evals_mean']:.0f} | {r['latency_ms_p50']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Success (95% paired interval around sequential's rate) and rounds per sampler, grouped
+    by task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in rows)]
+    by = {(r["task"], r["sampler"]): r for r in rows}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    width = 0.8 / max(len(samplers), 1)
+    for i, sampler in enumerate(samplers):
+        xs, success, err, rounds = [], [], [], []
+        for t, task in enumerate(tasks):
+            row = by.get((task, sampler))
+            if row is None:
+                continue
+            xs.append(t + (i - (len(samplers) - 1) / 2) * width)
+            success.append(row["pc_success"])
+            diff = row.get("success_diff_vs_sequential")
+            half = 0.0
+            if diff and diff.get("ci95_low") is not None:
+                half = 100 * (diff["ci95_high"] - diff["ci95_low"]) / 2
+            err.append(half)
+            rounds.append(row["rounds_mean"])
+        color = f"C{i}"
+        top.bar(xs, success, width, yerr=err, capsize=2, color=color, label=_label(sampler)
+                .replace("*", ""))  # fmt: skip
+        bottom.bar(xs, rounds, width, color=color)
+    top.set(ylabel="success (%)", ylim=(0, 105),
+            title="success on the same held-out seeds (error bar: 95% paired interval vs "
+                  "sequential DDPM-100)")  # fmt: skip
+    bottom.set(ylabel="rounds per replan (log)", yscale="log",
+               title="sequential batched model calls per replan")  # fmt: skip
+    bottom.set_xticks(range(len(tasks)), tasks)
+    top.legend(fontsize=7, ncol=5, loc="lower center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(directory: Path, output: Path) -> dict:
+    found = load_cells(directory)
+    rows = summarize(found)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    loads = [data.get("load_average") for data in found.values() if data.get("load_average")]
+    result = {
+        "benchmark": "tasks",
+        "machine": machine(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_max": max((max(load) for load in loads), default=None),
+        "note": "latency is per batched replan (batch_size envs) in whole-episode rollouts, "
+        "not interleaved: compare rounds here and latency ratios in bench.control",
         "rows": rows,
     }
-    for method in methods:
-        sampler = SamplerConfig(method=method, warm_start=method != "sequential")
-        start = time.perf_counter()
-        config.eval.n_episodes = min(episodes, (limits or {}).get(method, episodes))
-        run = rollout(config, sampler, policy=policy)
-        row = {
-            "method": method,
-            "warm_start": sampler.warm_start,
-            **run["aggregated"],
-            "rounds_mean": run["latency"]["rounds_mean"],
-            "rounds_p90": run["latency"]["rounds_p90"],
-            "model_evals_mean": run["latency"]["model_evals_mean"],
-            "converged_fraction": run["latency"]["converged_fraction"],
-            "latency_ms_p50": run["latency"]["latency_ms_p50"],
-            "wall_s": time.perf_counter() - start,
-            "per_episode": run["per_episode"],
-        }
-        if method == "sequential":
-            reference = run["per_episode"]
-        elif reference is not None:
-            row["success_diff_vs_sequential"] = paired_difference(run["per_episode"], reference)
-        rows.append(row)
-        (log or (lambda line: None))(
-            f"{name:>16} {method:>10}: success {row['pc_success']:5.1f}%  score "
-            f"{row['mean_score']:.3f}  rounds/replan {row['rounds_mean']:5.1f} "
-            f"(p90 {row['rounds_p90']:.0f})  {row['wall_s']:6.1f} s"
-        )
-        if on_row is not None:
-            on_row(result)  # finished solvers are kept if a later one is interrupted
+    write_json(output, result)
+    tasks = sorted({r["task"] for r in rows})
+    tables = [f"#### {task}\n\n{format_table(rows, task)}\n" for task in tasks]
+    output.with_suffix(".md").write_text("\n".join(tables))
+    if rows:
+        plot(rows, output.with_suffix(".png"))
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """``--shard i/k``: run cells ``i, i+k, ...``."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"--shard takes i/k with 0 <= i < k, got {text!r}")
+    return int(index), int(count)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", nargs="*", help="names in checkpoints/ (default: all)")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--samplers", nargs="*", choices=list(SAMPLERS), default=list(SAMPLERS))
     parser.add_argument("--episodes", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=25, help="envs per batched replan")
+    parser.add_argument("--batch-size", type=int, default=10, help="envs per batched replan")
     parser.add_argument(
         "--limit",
         nargs="*",
-        default=[],
-        metavar="METHOD=N",
-        help="run METHOD on the first N seeds only (e.g. newton=10: its JVPs are costly on a CPU)",
+        default=[f"{m}={n}" for m, n in LIMITS.items()],
+        metavar="SAMPLER=N",
+        help="run SAMPLER on the first N seeds only (default: %(default)s; `--limit` alone: none)",
     )
+    parser.add_argument("--shard", type=shard_arg, default=(0, 1), help="run cells i, i+k, ...")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cells-dir", type=Path, default=CELLS_DIR)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--root", type=Path, default=CHECKPOINTS, help="checkpoints folder")
+    parser.add_argument("--report", action="store_true", help="only tabulate the saved cells")
+    parser.add_argument("--list", action="store_true", help="print the cells and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    available = shipped_checkpoints(args.root)
+    if args.report:
+        result = report(args.cells_dir, args.output)
+        print(args.output.with_suffix(".md").read_text())
+        return result
     limits = {}
     for item in args.limit:
-        method, _, count = item.partition("=")
-        if method not in args.methods or not count.isdigit():
-            parser.error(f"--limit {item}: expected METHOD=N with METHOD among --methods")
-        limits[method] = int(count)
+        sampler, _, count = item.partition("=")
+        if sampler not in SAMPLERS or not count.isdigit():
+            parser.error(f"--limit {item}: expected SAMPLER=N with SAMPLER among {list(SAMPLERS)}")
+        limits[sampler] = int(count)
+    available = shipped_checkpoints(args.root)
     names = args.checkpoints or list(available)
     unknown = sorted(set(names) - set(available))
     if unknown:
         parser.error(f"unknown checkpoints {unknown}; shipped: {sorted(available)}")
-    report = {
-        "benchmark": "tasks",
-        "machine": machine(),
-        "torch_threads": args.threads,
-        "episodes": args.episodes,
-        "limits": limits,
-        "results": [],
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-
-    def save(partial: dict | None = None) -> None:
-        results = report["results"] + ([partial] if partial is not None else [])
-        write_json(args.output, {**report, "results": results})
-
-    for n in names:
-        report["results"].append(
-            evaluate(
-                n,
-                available[n],
-                args.methods,
-                args.episodes,
-                args.batch_size,
-                limits,
-                log=lambda line: print(line, flush=True),
-                on_row=save,
-            )
+    # each task's sequential reference first, then the default solver, then the rest
+    todo = [Cell(n, s) for s in args.samplers for n in names]
+    todo.sort(key=lambda c: (c.sampler != "sequential", c.sampler != DEFAULT_SAMPLER))
+    todo = todo[args.shard[0] :: args.shard[1]]
+    if args.list:
+        print("\n".join(cell.key for cell in todo))
+        return None
+    args.cells_dir.mkdir(parents=True, exist_ok=True)
+    policies: dict[str, object] = {}
+    for cell in todo:
+        episodes = min(args.episodes, limits.get(cell.sampler, args.episodes))
+        path = args.cells_dir / f"{cell.key}.json"
+        if path.exists() and json.loads(path.read_text()).get("episodes") == episodes:
+            continue  # done by an earlier run
+        spec = available[cell.task]
+        if cell.task not in policies:
+            policies[cell.task] = load_policy(spec["path"])
+        data = run_cell(cell, spec, episodes, args.batch_size, policy=policies[cell.task])
+        write_json(path, data)
+        agg = data["aggregated"]
+        print(
+            f"{cell.key:>28}: success {agg.get('pc_success', 0):5.1f}% of {episodes}  score "
+            f"{agg.get('mean_score', 0):.3f}  rounds/replan {data['rounds_mean']:5.1f} "
+            f"(p90 {data['rounds_p90']:.0f})  {data['wall_s']:6.0f} s",
+            flush=True,
         )
-        save()
-    print(f"wrote {args.output}")
-    return report
+    result = report(args.cells_dir, args.output)
+    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    return result
 
 
 if __name__ == "__main__":

@@ -34,7 +34,14 @@ from pathlib import Path
 import torch
 
 from policy_accel.bench.solvers import machine
-from policy_accel.bench.tasks import CHECKPOINTS, shipped_checkpoints, task_config
+from policy_accel.bench.tasks import (
+    CHECKPOINTS,
+    interval,
+    load_cells,
+    shard_arg,
+    shipped_checkpoints,
+    task_config,
+)
 from policy_accel.eval.config import RuntimeConfig, SamplerConfig
 from policy_accel.eval.evaluate import paired_difference, rollout
 from policy_accel.json_files import write_json
@@ -107,14 +114,6 @@ def run_cell(cell: Cell, spec: dict, episodes: int, batch_size: int, policy=None
     }
 
 
-def load_cells(directory: Path) -> dict[Cell, dict]:
-    found = {}
-    for path in sorted(directory.glob("*.json")):
-        data = json.loads(path.read_text())
-        found[Cell(**data["cell"])] = data
-    return found
-
-
 def summarize(found: dict[Cell, dict], shipped: dict[str, int] | None = None) -> list[dict]:
     """One row per cell: its aggregates, the paired success difference to the zero-delay
     sequential run (of the task's shipped chunk length ``shipped[task]`` when given, else of
@@ -153,14 +152,6 @@ def summarize(found: dict[Cell, dict], shipped: dict[str, int] | None = None) ->
     return rows
 
 
-def _interval(diff: dict | None) -> str:
-    if not diff or diff.get("ci95_low") is None:
-        return "ref" if diff is None else "-"
-    return (
-        f"{100 * diff['diff']:+.0f} ({100 * diff['ci95_low']:+.0f}..{100 * diff['ci95_high']:+.0f})"
-    )
-
-
 def _number(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -181,7 +172,7 @@ def format_table(rows: list[dict], task: str) -> str:
         lines.append(
             f"| {r['n_action_steps']} | {r['delay']} | {r['transition']} | {r['sampler']} "
             f"| {r['pc_success']:.0f}% ({r['episodes']}) "
-            f"| {_interval(r.get('success_diff_vs_zero_delay'))} | {r['mean_score']:.3f} "
+            f"| {interval(r.get('success_diff_vs_zero_delay'), 'ref')} | {r['mean_score']:.3f} "
             f"| {_number(r['boundary_jump_mean'])} | {'' if ratio is None else f'{ratio:.2f}x'} "
             f"| {_number(r.get('step_mean'))} | {_number(r['jerk_mean'], 1)} "
             f"| {_number(r['rounds_mean'], 1)} |"
@@ -235,7 +226,7 @@ def plot(rows: list[dict], task: str, path: Path) -> None:
 
 
 def report(directory: Path, output: Path, shipped: dict[str, int] | None = None) -> dict:
-    found = load_cells(directory)
+    found = load_cells(directory, Cell)
     rows = summarize(found, shipped)
     result = {"benchmark": "transitions", "machine": machine(), "shipped_n_action_steps": shipped,
               "rows": rows}  # fmt: skip
@@ -256,13 +247,6 @@ def shipped_chunks() -> dict[str, int]:
     }
 
 
-def _shard(text: str) -> tuple[int, int]:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
-        raise argparse.ArgumentTypeError(f"--shard takes i/k with 0 <= i < k, got {text!r}")
-    return int(index), int(count)
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="*", help="checkpoints/ names (default: all shipped)")
@@ -272,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=25, help="envs per batched replan")
-    parser.add_argument("--shard", type=_shard, default=(0, 1), help="run cells i, i+k, ...")
+    parser.add_argument("--shard", type=shard_arg, default=(0, 1), help="run cells i, i+k, ...")
     parser.add_argument("--cells-dir", type=Path, default=CELLS_DIR)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/transitions.json"))
     parser.add_argument("--report", action="store_true", help="only tabulate the saved cells")

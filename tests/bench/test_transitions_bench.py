@@ -42,7 +42,7 @@ def test_report_pairs_each_cell_with_its_zero_delay_sequential_run(tmp_path):
     _saved(tmp_path, naive, [1, 0, 1, 0], 20.0)
     _saved(tmp_path, inpaint, [1, 1, 1, 0], 8.0)
     rows = {Cell(**{k: r[k] for k in Cell.__dataclass_fields__}): r
-            for r in summarize(transitions.load_cells(tmp_path))}  # fmt: skip
+            for r in summarize(transitions.load_cells(tmp_path, Cell))}  # fmt: skip
     assert "success_diff_vs_zero_delay" not in rows[reference]
     assert rows[naive]["success_diff_vs_zero_delay"]["diff"] == pytest.approx(-0.5)
     assert rows[inpaint]["success_diff_vs_zero_delay"]["diff"] == pytest.approx(-0.25)
