@@ -63,7 +63,7 @@ SAMPLERS = {
 DEFAULT_SAMPLER = "chord"  # the Controller's and the server's default
 # seeds per solver on a 2-core CPU, where a round over a whole chunk of 10 rows costs ~5-30
 # sequential calls (newton's JVP directions many more); every other sampler runs all of them
-LIMITS = {"picard": 20, "taa": 20, "paradigms": 10, "srds": 10, "newton": 2}
+LIMITS = {"picard": 20, "taa": 20, "paradigms": 10, "srds": 10, "newton": 1}
 
 
 @dataclass(frozen=True)
@@ -163,16 +163,59 @@ def summarize(found: dict[Cell, dict]) -> list[dict]:
     return rows
 
 
-def interval(diff: dict | None, missing: str = "-") -> str:
+def pooled(found: dict[Cell, dict]) -> list[dict]:
+    """Per sampler run on every task: its paired success difference to sequential over all
+    (task, seed) pairs (the tasks' episodes together), beside its mean rounds per task."""
+    tasks = sorted({cell.task for cell in found})
+    out = []
+    for sampler in SAMPLERS:
+        if sampler == "sequential" or any(Cell(t, sampler) not in found for t in tasks):
+            continue
+        if any(Cell(t, "sequential") not in found for t in tasks):
+            continue
+
+        def keyed(task: str, name: str) -> list[dict]:
+            episodes = found[Cell(task, name)]["per_episode"]
+            return [{**e, "seed": (task, e["seed"])} for e in episodes]
+
+        mine = [e for t in tasks for e in keyed(t, sampler)]
+        reference = [e for t in tasks for e in keyed(t, "sequential")]
+        out.append({
+            "sampler": sampler,
+            "tasks": tasks,
+            "success_diff_vs_sequential": paired_difference(mine, reference),
+            "rounds_mean_by_task": {t: found[Cell(t, sampler)].get("rounds_mean") for t in tasks},
+        })  # fmt: skip
+    return out
+
+
+def format_pooled(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    tasks = rows[0]["tasks"]
+    lines = [
+        "| sampler | paired episodes | success vs sequential, all tasks (pp, 95%) | rounds / "
+        "replan: " + ", ".join(tasks) + " |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        diff = r["success_diff_vs_sequential"]
+        rounds = ", ".join(f"{r['rounds_mean_by_task'][t]:.1f}" for t in tasks)
+        lines.append(
+            f"| {_label(r['sampler'])} | {diff['n']} | {interval(diff, digits=1)} | {rounds} |"
+        )
+    return "\n".join(lines)
+
+
+def interval(diff: dict | None, missing: str = "-", digits: int = 0) -> str:
     """``+d (low..high)`` of a paired success difference in percentage points; ``missing``
     where there is none, ``-`` where it has no interval (one pair)."""
     if diff is None:
         return missing
     if diff.get("ci95_low") is None:
         return "-"
-    return (
-        f"{100 * diff['diff']:+.0f} ({100 * diff['ci95_low']:+.0f}..{100 * diff['ci95_high']:+.0f})"
-    )
+    low, high, mean = (f"{100 * diff[k]:+.{digits}f}" for k in ("ci95_low", "ci95_high", "diff"))
+    return f"{mean} ({low}..{high})"
 
 
 def _label(sampler: str) -> str:
@@ -256,10 +299,13 @@ def report(directory: Path, output: Path) -> dict:
         "note": "latency is per batched replan (batch_size envs) in whole-episode rollouts, "
         "not interleaved: compare rounds here and latency ratios in bench.control",
         "rows": rows,
+        "pooled": pooled(found),
     }
     write_json(output, result)
     tasks = sorted({r["task"] for r in rows})
     tables = [f"#### {task}\n\n{format_table(rows, task)}\n" for task in tasks]
+    if result["pooled"]:
+        tables.append(f"#### all tasks, paired\n\n{format_pooled(result['pooled'])}\n")
     output.with_suffix(".md").write_text("\n".join(tables))
     if rows:
         plot(rows, output.with_suffix(".png"))

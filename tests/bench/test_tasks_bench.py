@@ -85,6 +85,13 @@ def test_summary_pairs_each_sampler_with_sequential_on_the_seeds_both_ran():
     assert rows["picard"]["success_diff_vs_sequential"]["diff"] == pytest.approx(-0.5)
     assert rows["chord"]["success_diff_vs_sequential"]["diff"] == pytest.approx(0.25)
     table = tasks.format_table(list(rows.values()), "lift")
+    # pooled over tasks: (task, seed) pairs, only samplers every task ran
+    other = {Cell("can", k.sampler): {**v, "cell": {"task": "can", "sampler": k.sampler}}
+             for k, v in found.items() if k.sampler != "picard"}  # fmt: skip
+    (chord,) = tasks.pooled({**found, **other})
+    assert chord["sampler"] == "chord" and chord["success_diff_vs_sequential"]["n"] == 8
+    assert chord["success_diff_vs_sequential"]["diff"] == pytest.approx(0.25)
+    assert "| **chord** (warm, default) | 8 | +25.0 (" in tasks.format_pooled([chord])
     assert "| picard (warm) | 2 | 50% (1/2) | -50 (" in table
     assert table.index("sequential DDPM-100") < table.index("picard") < table.index("chord")
 
