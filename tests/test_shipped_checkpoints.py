@@ -16,7 +16,9 @@ SHIPPED = sorted(path.parent for path in CHECKPOINTS.glob("*/env.json"))
 
 
 def test_the_promised_checkpoints_are_shipped():
-    assert {"pusht_keypoints", "lift_lowdim"} <= {path.name for path in SHIPPED}
+    assert {"pusht_keypoints", "lift_lowdim", "can_lowdim", "square_lowdim"} <= {
+        path.name for path in SHIPPED
+    }
 
 
 @pytest.mark.parametrize("directory", SHIPPED, ids=lambda p: p.name)
