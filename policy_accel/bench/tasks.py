@@ -254,7 +254,7 @@ def plot(rows: list[dict], path: Path) -> None:
     tasks = sorted({r["task"] for r in rows})
     samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in rows)]
     by = {(r["task"], r["sampler"]): r for r in rows}
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 7), sharex=True)
     width = 0.8 / max(len(samplers), 1)
     for i, sampler in enumerate(samplers):
         xs, success, err, rounds = [], [], [], []
@@ -280,7 +280,7 @@ def plot(rows: list[dict], path: Path) -> None:
     bottom.set(ylabel="rounds per replan (log)", yscale="log",
                title="sequential batched model calls per replan")  # fmt: skip
     bottom.set_xticks(range(len(tasks)), tasks)
-    top.legend(fontsize=7, ncol=5, loc="lower center")
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
