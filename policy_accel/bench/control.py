@@ -16,7 +16,6 @@ ratio to sequential, and the max action error vs the sequential sample (env unit
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 import envs
-from policy_accel.bench.solvers import machine
+from policy_accel.bench.solvers import load_average, machine
 from policy_accel.control import Controller, SamplerConfig
 from policy_accel.execution import LocalExecutor
 from policy_accel.json_files import write_json
@@ -270,13 +269,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -256,6 +256,14 @@ def machine() -> dict:
     }
 
 
+def load_average() -> list[float]:
+    """The 1/5/15-minute load averages (empty where the OS has none): how quiet the machine was."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

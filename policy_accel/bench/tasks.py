@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from policy_accel.bench.solvers import machine
+from policy_accel.bench.solvers import load_average, machine
 from policy_accel.eval.config import (
     EnvConfig,
     EvalConfig,
@@ -117,7 +116,7 @@ def run_cell(cell: Cell, spec: dict, episodes: int, batch_size: int, policy=None
         "episodes": episodes,
         "batch_size": batch_size,
         "wall_s": time.perf_counter() - start,
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "aggregated": run["aggregated"],
         **{key: latency.get(key) for key in ("rounds_mean", "rounds_p90", "model_evals_mean",
                                               "converged_fraction", "latency_ms_p50")},
@@ -310,13 +309,6 @@ def report(directory: Path, output: Path) -> dict:
     if rows:
         plot(rows, output.with_suffix(".png"))
     return result
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def shard_arg(text: str) -> tuple[int, int]:
