@@ -11,12 +11,14 @@ built, naming the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from policy_accel.execution import ExecutorConfig
-from policy_accel.sampling.sample import solver_options
+from policy_accel.sampling.errors import SolverOptionError
+from policy_accel.sampling.sample import option_names, solver_options
 from policy_accel.sampling.schedulers import scheduler_name
 from policy_accel.sampling.solvers import SOLVERS
 from policy_accel.sampling.warm_start import SPACES
@@ -125,12 +127,15 @@ class SamplerConfig:
         fields set them, any other name is a solver option (``tolerance=1e-4``). Changing the
         method drops the base's solver options (they belong to its method)."""
         base = sampler if sampler is not None else cls()
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = [f.name for f in dataclasses.fields(cls)]
         own = {k: v for k, v in settings.items() if k in fields}
-        same_method = own.get("method", base.method) == base.method
-        options = dict(base.options) if same_method else {}
+        method = own.get("method", base.method)
+        rest = {k: v for k, v in settings.items() if k not in fields}
+        if method in SOLVERS:  # an unknown method is refused below, naming the methods
+            _check_setting_names(rest, fields, method)
+        options = dict(base.options) if method == base.method else {}
         options.update(own.pop("options", None) or {})
-        options.update({k: v for k, v in settings.items() if k not in fields})
+        options.update(rest)
         return dataclasses.replace(base, **own, options=options)
 
     @classmethod
@@ -169,6 +174,25 @@ class SamplerConfig:
         if deadline is not None:
             options["deadline"] = deadline
         return options
+
+
+def _check_setting_names(names: Mapping[str, Any], fields: list[str], method: str) -> None:
+    """Refuse ``names`` that are neither ``SamplerConfig`` fields nor options of ``method``,
+    listing both and the closest valid name (``budget_msec`` -> ``budget_ms``)."""
+    options = option_names(method)
+    unknown = sorted(set(names) - set(options))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, [*fields, *options], n=1)
+        if close:
+            hints.append(f"{name!r}: did you mean {close[0]!r}?")
+    raise SolverOptionError(
+        f"unknown option(s) {unknown}: neither SamplerConfig fields nor options of method "
+        f"{method!r}. {' '.join(hints) + ' ' if hints else ''}SamplerConfig fields: {fields}; "
+        f"options of {method!r}: {options or 'none'}."
+    )
 
 
 def _positive_int(value: Any, name: str) -> None:

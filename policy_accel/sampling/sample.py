@@ -13,12 +13,17 @@ from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers import SOLVERS
 
 
-def solver_options(method: str, **options):
-    """The validated options dataclass of ``method``; unknown names raise listing valid ones."""
+def option_names(method: str) -> list[str]:
+    """The option names ``method`` takes, in its options dataclass' order."""
     if method not in SOLVERS:
         raise SolverOptionError(f"unknown method {method!r}. Valid methods: {sorted(SOLVERS)}.")
+    return [field.name for field in dataclasses.fields(SOLVERS[method][1])]
+
+
+def solver_options(method: str, **options):
+    """The validated options dataclass of ``method``; unknown names raise listing valid ones."""
+    valid = option_names(method)
     options_class = SOLVERS[method][1]
-    valid = [field.name for field in dataclasses.fields(options_class)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise SolverOptionError(

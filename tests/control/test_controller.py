@@ -179,6 +179,22 @@ def test_bad_settings_are_refused_with_clear_messages(tiny_pusht_policy):
         Controller(tiny_pusht_policy, fallback_steps=4)
 
 
+def test_a_misspelled_setting_names_both_kinds_of_setting_and_the_close_match(tiny_pusht_policy):
+    with pytest.raises(TypeError) as refused:
+        Controller(tiny_pusht_policy, budget_msec=50)
+    message = str(refused.value)
+    assert "['budget_msec']" in message and "did you mean 'budget_ms'?" in message
+    assert "neither SamplerConfig fields nor options of method 'chord'" in message
+    assert "'fallback_steps'" in message and "'jacobian_stride'" in message  # the fields
+    assert "'max_rounds'" in message and "'secant'" in message  # chord's options
+    # the options listed are the chosen method's: sequential takes no tolerance
+    only_callback = r"\['tolerance'\].*options of 'sequential': \['callback'\]"
+    with pytest.raises(TypeError, match=only_callback):
+        Controller(tiny_pusht_policy, method="sequential", tolerance=1e-3)
+    with pytest.raises(TypeError, match="did you mean 'window'"):
+        Controller(tiny_pusht_policy, method="picard", windw=4)
+
+
 def test_a_refused_observation_changes_nothing(tiny_pusht_policy, env):
     """A bad observation is refused before it enters the history, and the next good one plans
     exactly as if the bad one had never been sent."""
