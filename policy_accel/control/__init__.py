@@ -10,7 +10,7 @@ from policy_accel.control.controller import Controller, ControlStep
 from policy_accel.control.delay import DelayEstimator
 from policy_accel.control.history import ObservationHistory
 from policy_accel.control.planner import Plan, Planner, RowState
-from policy_accel.control.records import PlanRecord, latency_stats
+from policy_accel.control.records import PlanRecord, batch_stats, latency_stats
 from policy_accel.control.runtime import AsyncController, RunStats
 from policy_accel.control.server import PolicyServer, RequestError, serve
 from policy_accel.control.wire import WireError
@@ -33,6 +33,7 @@ __all__ = [
     "SamplerConfig",
     "ServerError",
     "WireError",
+    "batch_stats",
     "latency_stats",
     "serve",
 ]

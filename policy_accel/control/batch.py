@@ -17,7 +17,7 @@ import numpy as np
 
 from policy_accel.control.config import SamplerConfig
 from policy_accel.control.planner import Plan, Planner
-from policy_accel.control.records import PlanRecord, latency_stats
+from policy_accel.control.records import PlanRecord, batch_stats
 from policy_accel.policies.base import Policy
 
 
@@ -56,7 +56,7 @@ class BatchController:
         self.batch = len(seeds)
         self.rows = self.planner.rows([row_seed(noise_seed, seed) for seed in seeds])
         self.history: dict[str, np.ndarray] | None = None
-        self.records: list[PlanRecord] = []
+        self.records: list[tuple[PlanRecord, ...]] = []  # every row's record, one tuple a plan
 
     def reseed(self, row: int, seed: int) -> None:
         """Row ``row`` starts the episode of ``seed``: its own noise stream, planned cold."""
@@ -127,7 +127,7 @@ class BatchController:
         plan = self.planner.plan(
             dict(self.history), self.rows, executed, committed=committed, overlap=overlap
         )
-        self.records.append(plan.records[0])
+        self.records.append(plan.records)
         return plan
 
     def reference(self, plan: Plan) -> np.ndarray:
@@ -135,5 +135,6 @@ class BatchController:
         return self.planner.reference(plan)
 
     def stats(self) -> dict[str, float]:
-        """Statistics of the batched plans (one record per call)."""
-        return latency_stats(self.records)
+        """Statistics over every row of every plan (:func:`~policy_accel.control.records.
+        batch_stats`): the warm and Jacobian fractions count each row's own replans."""
+        return batch_stats(self.records)

@@ -106,7 +106,8 @@ class Plan:
         actions: ``[B, n_action_steps, Da]`` the chunk each row executes (environment units).
         future: ``[B, T, Da]`` the predicted actions from the first executed one on (the chunk
             and what follows it in the sample, e.g. to hold while the next replan runs).
-        records: one :class:`PlanRecord` per row.
+        records: one :class:`PlanRecord` per row (the batch's latency, rounds and status,
+            each row's warm start, Jacobian estimate and committed actions).
         result: the solver's :class:`~policy_accel.sampling.SampleResult`.
         problem: the problem that was solved (its noise is the rows' noise).
         observations: the stacked histories it was planned from (``{key: [B, n_obs_steps,
@@ -247,7 +248,7 @@ class Planner:
         budget = self.sampler.budget_ms
         deadline = None if budget is None else start + budget / 1e3
         options = self.sampler.solver_options(deadline)
-        estimated = self._estimates(rows, shifts, warm)
+        estimated, measured = self._estimates(rows, shifts, warm)
         if estimated is not None:
             options["jacobians"] = estimated
         result = sample(problem, self.sampler.method, init=init, executor=self.executor, **options)
@@ -280,20 +281,22 @@ class Planner:
                 deadline_hit=deadline_hit,
                 fallback=fallback,
                 shift=shift if is_warm else 0,
-                jacobians=estimated is not None,
+                jacobians=has_jacobians,
                 committed=held,
+                batch_rows=len(rows),
             )
-            for shift, is_warm, held in zip(
-                shifts, warm, _committed_counts(committed, len(rows)), strict=True
+            for shift, is_warm, has_jacobians, held in zip(
+                shifts, warm, measured, _committed_counts(committed, len(rows)), strict=True
             )  # fmt: skip
         )
         return Plan(actions, future, records, result, problem, obs)
 
-    def _estimates(self, rows, shifts, warm) -> Jacobians | None:
+    def _estimates(self, rows, shifts, warm) -> tuple[Jacobians | None, list[bool]]:
         """The rows' Jacobian estimates for this replan, batched (a row without one gets a
-        zero model part, i.e. picard's coefficient); ``None`` when no row has one."""
+        zero model part, i.e. picard's coefficient; ``None`` when no row has one), and which
+        rows have one."""
         if self.sampler.jacobian_stride is None:
-            return None
+            return None, [False] * len(rows)
         for row in rows:
             row.take_refresh()
         axis = self.policy.horizon_axis
@@ -301,12 +304,13 @@ class Planner:
             row.jacobians_for(shift, self.length, axis) if is_warm else None
             for row, shift, is_warm in zip(rows, shifts, warm, strict=True)
         ]
+        measured = [j is not None for j in found]
         known = next((j for j in found if j is not None), None)
         if known is None:
-            return None
+            return None, measured
         zero = Jacobians(torch.zeros_like(known.model), known.positions, known.num_steps,
                          known.event_shape)  # fmt: skip
-        return Jacobians.cat([j if j is not None else zero for j in found])
+        return Jacobians.cat([j if j is not None else zero for j in found]), measured
 
     def refresh(self, problem: DenoisingProblem, trajectory: torch.Tensor) -> Jacobians:
         """The off-critical-path work of a chord replan: the model Jacobians of every

@@ -23,11 +23,13 @@ delay beyond what the previous chunk holds counts its excess as ``starved_steps`
 have had no fresh action; the engine executes the chunk's last ones).
 
 Outputs: ``<output_dir>/<date>/<time>_<name>/eval_info.json`` (aggregates with DiffusionPolicy /
-LeRobot names, ``per_episode``, per-replan latency percentiles, rounds, model evaluations, and per
-episode the action jump where each new chunk takes over and the jerk, see
-:func:`~policy_accel.eval.smoothness.action_smoothness`), written
-after every finished episode so an interrupted run keeps its results, and up to ``n_videos`` mp4
-files. An env that raises ends only its own episode, recorded with its ``error``.
+LeRobot names, ``per_episode``, and ``latency``: latency percentiles, rounds, model evaluations,
+warm and Jacobian fractions over every live row of every replan, ``n_plans`` row replans in
+``n_batched_plans`` batched calls; per episode the action jump where each new chunk takes over and
+the jerk, see :func:`~policy_accel.eval.smoothness.action_smoothness`), written after every
+finished episode so an interrupted run keeps its results, and up to ``n_videos`` mp4 files. The
+policy is recorded as ``policy.path`` was given. An env that raises ends only its own episode,
+recorded with its ``error``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 import envs
 from policy_accel.control.batch import BatchController
-from policy_accel.control.controller import latency_stats
 from policy_accel.control.delay import DelayEstimator
+from policy_accel.control.records import batch_stats
 from policy_accel.eval.config import EvalConfig, SamplerConfig
 from policy_accel.eval.guard import EpisodeGuard
 from policy_accel.eval.smoothness import action_smoothness
@@ -182,6 +184,7 @@ def rollout(
     pending = list(seeds)
     episodes: list[_Episode | None] = [None] * size
     finished: list[dict] = []
+    plans: list[tuple] = []  # the live rows' records of every replan: the latency block's
     videos_left = config.eval.n_videos
 
     def start(rows: np.ndarray) -> Any:
@@ -248,8 +251,10 @@ def rollout(
                     overlap[new_episode] = np.nan
             plan = controller.plan(new_episode, executed, committed=committed, overlap=overlap)
             future = plan.future
-            for row in np.flatnonzero(live):
-                episodes[row].records.append(plan.records[row])
+            live_records = tuple(plan.records[row] for row in np.flatnonzero(live))
+            for row, record in zip(np.flatnonzero(live), live_records, strict=True):
+                episodes[row].records.append(record)
+            plans.append(live_records)
             latency_s = plan.record.latency_ms / 1e3
             delays.record(latency_s)
             if delay_setting == "auto":
@@ -318,7 +323,7 @@ def rollout(
         "label": sampler.label,
         "sampler": sampler.to_dict(),
         "aggregated": aggregate(finished),
-        "latency": latency_stats(controller.records),
+        "latency": batch_stats(plans),
         "per_episode": finished,
     }
 

@@ -89,6 +89,30 @@ def test_scheduler_and_steps_come_from_the_sampler_config(tiny_pusht_policy):
     )
 
 
+def test_a_batch_records_each_rows_own_replan_and_its_stats_count_every_row(tiny_pusht_policy):
+    sampler = SamplerConfig(method="chord", jacobian_stride=5)
+    batch = BatchController(tiny_pusht_policy, [31, 32], sampler)
+    streams = [_pusht_steps(seed, 9) for seed in (31, 32)]
+    batch.start_rows(np.stack([s[0] for s in streams]), np.ones(2, dtype=bool))
+    first = batch.plan(np.ones(2, dtype=bool), 0)
+    for row in batch.rows:
+        row.pending.result()  # the off-path Jacobian refresh has finished for both rows
+    for t in range(1, 9):
+        batch.observe(np.stack([s[t] for s in streams]))
+    restarted = np.array([False, True])  # row 1's env was reset: a new episode, planned cold
+    batch.start_rows(np.stack([streams[0][8], streams[1][0]]), restarted)
+    second = batch.plan(restarted, 8)
+    assert [r.warm for r in second.records] == [True, False]
+    assert [r.jacobians for r in second.records] == [True, False]
+    assert [r.shift for r in second.records] == [8, 0]
+    shared = {(r.rounds, r.latency_ms, r.converged, r.batch_rows) for r in second.records}
+    assert shared == {(second.result.rounds, second.record.latency_ms, second.result.converged, 2)}
+    assert batch.records == [first.records, second.records]
+    stats = batch.stats()  # 4 row replans: only row 0's second one warm, with Jacobians
+    assert stats["n_plans"] == 4 and stats["n_batched_plans"] == 2
+    assert stats["warm_fraction"] == stats["jacobians_fraction"] == 0.25
+
+
 def test_bad_sampler_configs_name_the_setting():
     with pytest.raises(ValueError, match="unknown method 'fast'"):
         SamplerConfig(method="fast")
@@ -111,8 +135,10 @@ def test_eval_runs_budgets_and_reports_deadline_misses_and_fallbacks(tiny_pusht_
     )
     tight = SamplerConfig(method="picard", budget_ms=1e-6, fallback_steps=3, name="tight")
     run = rollout(config, tight, policy=tiny_pusht_policy)
-    assert run["latency"]["deadline_misses"] == run["latency"]["fallbacks"] == 3
     assert all(e["deadline_misses"] == e["fallbacks"] == 3 for e in run["per_episode"])
+    # the latency block counts both rows: two rows in each of three batched replans
+    assert run["latency"]["deadline_misses"] == run["latency"]["fallbacks"] == 6
+    assert run["latency"]["n_plans"] == 6 and run["latency"]["n_batched_plans"] == 3
     assert run["latency"]["rounds_mean"] == 1 + 3  # one round, then the DDIM-3 fallback
 
 

@@ -103,6 +103,41 @@ def test_an_env_that_raises_keeps_the_other_episodes(tiny_pusht_policy, tmp_path
     assert info["aggregated"]["n_errors"] == 1 and info["aggregated"]["n_episodes"] == 2
 
 
+class LengthBySeed(EpisodeGuard):
+    """PushT episodes of 8 steps (seeds 100000 and 100002) and 24 steps (100001)."""
+
+    LENGTHS = {100000: 8, 100001: 24, 100002: 8}
+
+    def __init__(self):
+        super().__init__(lambda: envs.make("pusht", legacy_seeds=True))
+
+    def reset(self, *, seed=None, options=None):
+        self.length, self.count = self.LENGTHS.get(seed, 24), 0
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        finished = self._done
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.count += 1
+        if not finished and self.count == self.length:
+            self._done, info = True, {**info, "done": True, "truncated": True}
+        return obs, reward, terminated, truncated, info
+
+
+def test_the_latency_block_counts_every_live_row_of_the_batch(tiny_pusht_policy, tmp_path):
+    # row 0 runs 100000 (1 replan, cold) then 100002 (1 replan, cold, while row 1 is warm) and
+    # idles at the third replan; row 1 runs 100001 (3 replans: cold, warm, warm)
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=3)
+    run = rollout(config, config.sampler, policy=tiny_pusht_policy, env_factory=LengthBySeed)
+    episodes = {e["seed"]: e for e in run["per_episode"]}
+    assert {seed: e["replans"] for seed, e in episodes.items()} == {100000: 1, 100001: 3, 100002: 1}
+    latency = run["latency"]
+    assert latency["n_batched_plans"] == 3
+    assert latency["n_plans"] == 5  # the idle row's third replan is not counted
+    # row 0's records alone (its idle replan included) said 1/3
+    assert latency["warm_fraction"] == pytest.approx(2 / 5)
+
+
 def test_compare_mode_reports_paired_success_differences(tiny_pusht_policy, tmp_path):
     config = _config(tiny_pusht_policy, tmp_path)
     config.compare_samplers = [SamplerConfig(method="sequential", warm_start=False, name="seq")]
