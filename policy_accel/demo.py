@@ -33,7 +33,23 @@ from policy_accel.eval.config import (
 )
 from policy_accel.eval.evaluate import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = Path("checkpoints") / "pusht_keypoints"
+
+
+def default_checkpoint() -> str:
+    """The shipped policy as a user names it, which ``eval_info.json`` records as given:
+    ``checkpoints/pusht_keypoints`` under the working directory (``make demo`` runs in the
+    repository), else the source checkout's (an editable install run from elsewhere)."""
+    if SHIPPED.is_dir():
+        return str(SHIPPED)
+    checkout = Path(__file__).resolve().parents[1] / SHIPPED
+    if checkout.is_dir():
+        return str(checkout)
+    raise SystemExit(
+        f"no shipped checkpoint {SHIPPED} under {Path.cwd()} or the source checkout (the "
+        "checkpoints are not part of an installed package): run from the repository root or "
+        "pass --checkpoint PATH."
+    )
 
 
 def plot(info: dict, path: Path) -> None:
@@ -61,13 +77,13 @@ def plot(info: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "pusht_keypoints"))
+    parser.add_argument("--checkpoint", help=f"default: {SHIPPED}")
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--max-steps", type=int, default=300, help="episode length limit")
     args = parser.parse_args(argv)
     config = EvalConfig(
-        policy=PolicyConfig(path=args.checkpoint),
+        policy=PolicyConfig(path=args.checkpoint or default_checkpoint()),
         env=EnvConfig(
             name="pusht",
             obs="keypoints",

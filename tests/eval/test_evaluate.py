@@ -1,6 +1,7 @@
 """policy-accel eval's engine: JSON layout, videos, compare mode, delays, failing envs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +91,18 @@ class FailsOnSeed(EpisodeGuard):
         if self.seed == 100001 and self.count == 5:
             self.env.step = lambda _: (_ for _ in ()).throw(RuntimeError("simulator exploded"))
         return super().step(action)
+
+
+def test_eval_info_records_the_policy_path_as_given(tiny_pusht_policy, tmp_path, monkeypatch):
+    checkpoint = Path(tiny_pusht_policy.source)
+    monkeypatch.chdir(checkpoint.parent.parent)
+    given = f"{checkpoint.parent.name}/{checkpoint.name}"  # relative to the working directory
+    config = _config(tiny_pusht_policy, tmp_path, n_episodes=1, batch_size=1)
+    config.policy.path = given
+    config.env.max_episode_steps = 1
+    info, directory = evaluate(config)
+    assert json.loads((directory / "eval_info.json").read_text())["policy"] == given
+    assert info["policy"] == given
 
 
 def test_an_env_that_raises_keeps_the_other_episodes(tiny_pusht_policy, tmp_path):
