@@ -15,15 +15,16 @@ Here the unpickler allows exactly the globals that upstream checkpoints use and 
   builtin type of that name from a short list, without importing dill; the same builtin container
   types named directly (``builtins.dict``), as a checkpoint saved without dill has them.
 
-Allocation is bounded by the file's size, so a tiny file cannot exhaust memory: a ``.ckpt.xz`` is
-decompressed in chunks up to :func:`size_limit` of its compressed size; the archive's declared
-record sizes and every storage the pickle declares must fit the same limit in total; the allowed
-functions are guarded where an argument could allocate out of proportion (``bytes(n)`` is
-refused, ``_codecs.encode`` takes text with the ``latin1`` codec only, ``_rebuild_tensor_v2``
-may not view more elements than its storage holds). The config is returned unresolved: an
-interpolation (``${...}``, which could read environment variables or nest without bound) is
-refused, naming the file and the key; upstream's ``train.py`` resolves its config before saving,
-so real checkpoints have none.
+Allocation is bounded by the file's size, so a tiny file cannot exhaust memory: a ``.ckpt.xz``
+whose index declares more than :func:`size_limit` of its compressed size is refused before
+anything is decompressed, and decompression stops at the declared size (:mod:`.xz_file`); the
+archive's declared record sizes and every storage the pickle declares must fit the same limit in
+total; the allowed functions are guarded where an argument could allocate out of proportion
+(``bytes(n)`` is refused, ``_codecs.encode`` takes text with the ``latin1`` codec only,
+``_rebuild_tensor_v2`` may not view more elements than its storage holds). The config is
+returned unresolved: an interpolation (``${...}``, which could read environment variables or nest
+without bound) is refused, naming the file and the key; upstream's ``train.py`` resolves its
+config before saving, so real checkpoints have none.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from __future__ import annotations
 import _compat_pickle
 import builtins
 import io
-import lzma
 import math
+import mmap
 import pickle
 import types
 import zipfile
@@ -47,6 +48,7 @@ from policy_accel.policies.errors import (
     CheckpointFormatError,
     UnsafeCheckpointError,
 )
+from policy_accel.policies.xz_file import read_xz
 
 __all__ = [
     "CheckpointFormatError",
@@ -83,7 +85,6 @@ DILL_BUILTIN_TYPES = (
 # never below the floor, so small real checkpoints always fit.
 EXPANSION_RATIO = 8
 EXPANSION_FLOOR_BYTES = 256 * 1024 * 1024
-READ_CHUNK_BYTES = 16 * 1024 * 1024
 LATIN1 = ("latin1", "latin-1", "iso-8859-1", "iso8859-1")
 
 
@@ -232,31 +233,7 @@ def _restricted_module(source: str, budget: _Budget) -> types.ModuleType:
     return module
 
 
-def _decompress_xz(path: Path, limit: int) -> bytes:
-    """The decompressed bytes of ``path``, refused as soon as they pass ``limit``."""
-    decompressor = lzma.LZMADecompressor()
-    parts, total = [], 0
-    try:
-        with path.open("rb") as file:
-            while not decompressor.eof:
-                data = file.read(READ_CHUNK_BYTES) if decompressor.needs_input else b""
-                if decompressor.needs_input and not data:
-                    raise CheckpointFormatError(f"{path} is a truncated .xz file.")
-                part = decompressor.decompress(data, max_length=READ_CHUNK_BYTES)
-                total += len(part)
-                if total > limit:
-                    raise UnsafeCheckpointError(
-                        f"{path} decompresses to more than {limit} bytes ({EXPANSION_RATIO}x its "
-                        f"size, at least {EXPANSION_FLOOR_BYTES}); a checkpoint of trained "
-                        "weights barely compresses. Refusing to decompress it further."
-                    )
-                parts.append(part)
-    except lzma.LZMAError as error:
-        raise CheckpointFormatError(f"{path} is not a valid .xz file ({error}).") from error
-    return b"".join(parts)
-
-
-def _check_archive(source: str, data: io.BytesIO | Path, limit: int) -> None:
+def _check_archive(source: str, data: mmap.mmap | Path, limit: int) -> None:
     """A zip archive's declared record sizes must fit ``limit`` (torch allocates each record's
     declared size when it reads it). Legacy (non-zip) files are left to the storage budget."""
     if not zipfile.is_zipfile(data):
@@ -274,23 +251,14 @@ def _check_archive(source: str, data: io.BytesIO | Path, limit: int) -> None:
         )
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The payload of a DiffusionPolicy ``.ckpt`` (or ``.ckpt.xz``) as plain Python data:
-    ``{"cfg": dict, "state_dicts": {...}, ...}`` with the config as plain, unresolved containers
-    (an interpolation is refused; other top-level entries, such as ``pickles``, come back as the
-    restricted unpickler read them)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist.")
-    limit = size_limit(path.stat().st_size)
-    source: io.BytesIO | Path = path
-    if path.suffix == ".xz":
-        source = io.BytesIO(_decompress_xz(path, limit))
+def _load_archive(path: Path, source: Path | mmap.mmap, limit: int) -> Any:
+    """``torch.load`` of ``source`` (the file, or its decompressed bytes) through the restricted
+    unpickler, with the archive's records and storages held to ``limit`` bytes."""
     _check_archive(str(path), source, limit)
-    if isinstance(source, io.BytesIO):
+    if isinstance(source, mmap.mmap):
         source.seek(0)
     try:
-        payload = torch.load(
+        return torch.load(
             source,
             map_location="cpu",
             pickle_module=_restricted_module(str(path), _Budget(str(path), limit)),
@@ -303,6 +271,22 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path} is not a readable torch checkpoint ({type(error).__name__}: "
             f"{str(error)[:300]}). It may be truncated or corrupt; re-download or re-save it."
         ) from error
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The payload of a DiffusionPolicy ``.ckpt`` (or ``.ckpt.xz``) as plain Python data:
+    ``{"cfg": dict, "state_dicts": {...}, ...}`` with the config as plain, unresolved containers
+    (an interpolation is refused; other top-level entries, such as ``pickles``, come back as the
+    restricted unpickler read them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+    limit = size_limit(path.stat().st_size)
+    if path.suffix != ".xz":
+        payload = _load_archive(path, path, limit)
+    else:
+        with read_xz(path, limit) as decompressed:
+            payload = _load_archive(path, decompressed, limit)
     if not isinstance(payload, dict) or "cfg" not in payload or "state_dicts" not in payload:
         keys = (
             sorted(map(str, payload))[:10] if isinstance(payload, dict) else type(payload).__name__

@@ -11,6 +11,7 @@ import json
 import lzma
 import shutil
 import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -95,12 +96,20 @@ def small_limits(monkeypatch):
     monkeypatch.setattr(pickle_safe, "EXPANSION_FLOOR_BYTES", 1024 * 1024)
 
 
-def test_an_xz_bomb_is_refused_once_it_passes_the_limit(tmp_path, small_limits):
+def test_an_xz_bomb_is_refused_before_it_is_decompressed(tmp_path, small_limits):
     path = tmp_path / "bomb.ckpt.xz"
     path.write_bytes(lzma.compress(bytes(32 * 1024 * 1024), preset=1))
     assert path.stat().st_size < 64 * 1024
-    with pytest.raises(UnsafeCheckpointError, match="decompresses to more than"):
-        load_policy(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsafeCheckpointError, match="declares 33554432 bytes once decomp"):
+            load_policy(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the index at the file's end said 32 MiB: nothing was decompressed (this was 16 MiB, one
+    # decompressed chunk, before the index was read; 256 MiB at the real limit)
+    assert peak < 256 * 1024
 
 
 def test_the_shipped_compressed_fixture_still_loads(tmp_path):
