@@ -10,7 +10,8 @@ evaluations; the off-path work is chord's Jacobian refresh, timed between replan
 idle time), host overhead (latency minus the time inside model calls), latency p50/p99 and their
 ratio to sequential, and the max action error vs the sequential sample (env units). With
 ``--server`` the websocket server's loopback overhead is measured too. Results in
-``benchmarks/results/control.json`` and a plot beside it.
+``control.json`` in the results folder (``benchmarks/results/`` by default, see
+:mod:`policy_accel.bench.paths`) and a plot beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 import envs
+from policy_accel.bench.paths import checkpoints_dir, result_path
 from policy_accel.bench.solvers import load_average, machine
 from policy_accel.control import Controller, SamplerConfig
 from policy_accel.execution import LocalExecutor
@@ -32,9 +34,6 @@ from policy_accel.policies.loading import load_policy
 from policy_accel.sampling import estimate_jacobians, sample
 from policy_accel.sampling.warm_start import WarmStart, warm_start_guess
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "pusht_keypoints"
-RESULTS = Path("benchmarks/results/control.json")
 # label -> (method, warm, options, jacobian_stride)
 CONFIGURATIONS = {
     "sequential": ("sequential", False, {}, None),
@@ -273,7 +272,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, help="default: the shipped pusht_keypoints")
     parser.add_argument("--env", default="pusht")
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=100000, help="DP's PushT test seeds")
@@ -285,10 +284,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--n-action-steps", type=int, default=None, help="replan cadence (default: the policy's)"
     )
     parser.add_argument("--server", action="store_true", help="also measure server overhead")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, help="default: control.json in the results folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    policy = load_policy(args.checkpoint)
+    checkpoint = args.checkpoint or checkpoints_dir() / "pusht_keypoints"
+    policy = load_policy(checkpoint)
     env_kwargs = {"max_episode_steps": args.max_steps}
     if args.env == "pusht":
         env_kwargs["legacy_seeds"] = True
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_after": load_average(),
         "interleaved": True,
         "wall_s": time.perf_counter() - start,
-        "checkpoint": args.checkpoint.name,
+        "checkpoint": checkpoint.name,
         "env": args.env,
         "seeds": [seeds[0], seeds[-1]],
         "num_inference_steps": policy.num_inference_steps,
@@ -324,10 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.server:
         report["server"] = server_overhead(policy, args.env, env_kwargs, seeds[0])
     print(format_table(rows))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, report)
-    plot(rows, args.output.with_suffix(".png"))
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
+    output = result_path("control.json", args.output)
+    write_json(output, report)
+    plot(rows, output.with_suffix(".png"))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
     return report
 
 

@@ -9,8 +9,9 @@ action_dim 2, 2 x 20-dim observations; random weights, since timing does not dep
   and trajectory shifted by n_action_steps=8, conditioning perturbed as a new observation would),
   with rounds and model evaluations, as ratios to sequential eager in the same run.
 
-Writes ``benchmarks/results/<device>.json`` (``gpu_<name>.json`` on a GPU). Threads are set
-to ``--threads`` and recorded.
+Writes ``execution_cpu.json`` (``gpu_<name>.json`` on a GPU) in the results folder
+(``benchmarks/results/`` by default, see :mod:`policy_accel.bench.paths`). Threads are set to
+``--threads`` and recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+from policy_accel.bench.paths import result_path
 from policy_accel.bench.solvers import machine
 from policy_accel.execution import LocalExecutor
 from policy_accel.json_files import write_json
@@ -190,10 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).replace(" ", "_")
         report["machine"]["gpu"] = torch.cuda.get_device_name(device)
-        output = args.output or Path(f"benchmarks/results/gpu_{name}.json")
+        output = result_path(f"gpu_{name}.json", args.output)
     else:
-        output = args.output or Path("benchmarks/results/execution_cpu.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
+        output = result_path("execution_cpu.json", args.output)
     write_json(output, report)
     for row in report["call_times"]:
         print(f"call  batch {row['batch']:>4} {row['mode']:9} {row['ms_median']:9.2f} ms")

@@ -25,9 +25,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from policy_accel.adapters import generate
 from policy_accel.adapters.compare import compare_with_paradigms
 from policy_accel.adapters.tiny import parameter_count, tiny_stable_diffusion
+from policy_accel.bench.paths import result_path
 from policy_accel.json_files import write_json
 
-RESULTS = Path("benchmarks/results/images.json")
 BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
 SETTINGS = {
     # trailing spacing: with all 1000 steps, leading spacing plus steps_offset=1 would start at 1000
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--window", type=int, default=None, help="steps per round (default: all)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per sample")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, help="default: images.json in the results folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, payload)
+    output = result_path("images.json", args.out)
+    write_json(output, payload)
     print(f"{'setting':16} {'method':20} {'rounds':>6} {'evals':>7} {'rel err':>9} {'x seq':>6}")
     for setting, rows in results.items():
         for method, row in rows.items():
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{setting:16} {method:20} {row['rounds']:>6} {row['model_evals']:>7} "
                 f"{error:>9.1e} {row['speedup_vs_sequential']:>6.2f}"
             )
-    print(f"\ntorch threads: {torch.get_num_threads()}  |  wrote {args.out}")
+    print(f"\ntorch threads: {torch.get_num_threads()}  |  wrote {output}")
     return payload
 
 

@@ -1,11 +1,12 @@
 """Solvers on real policy networks: ``python -m policy_accel.bench.policies``.
 
 For each golden-fixture checkpoint (DiffusionPolicy lowdim UNet and transformer, LeRobot PushT
-UNet; from ``../shared/fixtures`` or ``--fixtures``), every solver at its default tolerance samples
-the recorded observations with the checkpoint's own 100-step DDPM and the recorded noise. Reported:
-rounds, model evaluations, max action error against sequential sampling with the same noise (in
-environment units and in normalized units), converged, wall time and its ratio to sequential in the
-same run. Results in ``benchmarks/results/policies.json``.
+UNet; from ``--fixtures``, else where :func:`~policy_accel.bench.paths.fixtures_dir` finds them),
+every solver at its default tolerance samples the recorded observations with the checkpoint's own
+100-step DDPM and the recorded noise. Reported: rounds, model evaluations, max action error against
+sequential sampling with the same noise (in environment units and in normalized units), converged,
+wall time and its ratio to sequential in the same run. Results in ``policies.json`` in the
+results folder (``benchmarks/results/`` by default, see :mod:`policy_accel.bench.paths`).
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policy_accel.bench.paths import fixtures_dir, result_path
 from policy_accel.bench.solvers import machine
 from policy_accel.execution import make_executor
 from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 from policy_accel.sampling import SOLVERS
 from policy_accel.sampling.problem import noise_from_draws
-
-RESULTS = Path("benchmarks/results/policies.json")
-# ../shared/fixtures beside the checkout, as the project's CI lays it out
-DEFAULT_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 
 
 def fixture_cases(root: Path) -> list[dict]:
@@ -105,16 +103,17 @@ def _normalized_error(policy, action_pred, reference) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
+    parser.add_argument("--fixtures", type=Path, help="default: see policy_accel.bench.paths")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the policy and solver run")
     parser.add_argument("--devices", nargs="+", default=None, help="split windows over these")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, help="default: policies.json in the results folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = fixture_cases(args.fixtures)
+    fixtures = args.fixtures or fixtures_dir()
+    cases = fixture_cases(fixtures)
     if not cases:
-        raise SystemExit(f"no fixtures under {args.fixtures}; pass --fixtures")
+        raise SystemExit(f"no fixtures under {fixtures}; pass --fixtures")
     executor = make_executor(devices=args.devices) if args.devices else None
     rows = [row for case in cases for row in run_case(case, args.device, executor)]
     report = {
@@ -129,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, report)
+    output = result_path("policies.json", args.output)
+    write_json(output, report)
     header = (
         f"{'policy':36} {'method':10} {'rounds':>6} {'evals':>7} {'max err':>9} "
         f"{'norm err':>9} {'x seq':>6}"
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['max_action_error']:>9.2e} {row['max_action_error_normalized']:>9.2e} "
             f"{row['speedup_vs_sequential']:>6.2f}"
         )
-    print(f"\ntorch threads: {torch.get_num_threads()}  |  wrote {args.output}")
+    print(f"\ntorch threads: {torch.get_num_threads()}  |  wrote {output}")
     return report
 
 

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from policy_accel.bench.paths import result_path
 from policy_accel.json_files import write_json
 from policy_accel.sampling import SOLVERS, DenoisingProblem, sample
 from policy_accel.sampling.analytic import GaussianMixtureDenoiser, action_chunk_means
-
-RESULTS = Path("benchmarks/results/solvers.json")
 
 
 @dataclass(frozen=True)
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--schedulers", nargs="+", default=["ddpm", "ddim", "dpm"], choices=["ddpm", "ddim", "dpm"]
     )
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, help="default: solvers.json in the results folder")
     parser.add_argument(
         "--no-sweep", dest="sweep", action="store_false", help="skip the tolerance sweep"
     )
@@ -316,12 +315,12 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "tolerance_sweep": sweep,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, report)
+    output = result_path("solvers.json", args.output)
+    write_json(output, report)
     print(format_table(rows))
     if sweep:
         print("\n" + format_sweep(sweep))
-    print(f"\ntorch threads: {torch.get_num_threads()}  |  wrote {args.output}")
+    print(f"\ntorch threads: {torch.get_num_threads()}  |  wrote {output}")
     return report
 
 

@@ -1,6 +1,7 @@
 """Task reward of the shipped checkpoints: ``python -m policy_accel.bench.tasks``.
 
-Every checkpoint in ``checkpoints/`` (a directory with ``env.json`` naming its task) runs closed
+Every shipped checkpoint (a directory in ``checkpoints/`` with ``env.json`` naming its task; found
+by :func:`~policy_accel.bench.paths.checkpoints_dir`, ``--root`` to choose another) runs closed
 loop on held-out seeds through the evaluation engine (:func:`policy_accel.eval.evaluate.rollout`:
 batched envs, per-episode noise streams), once per sampler on the same seeds and noise:
 
@@ -15,7 +16,8 @@ latency unit on a GPU) and model evaluations per replan, latency per batched rep
 paired success difference to ``sequential`` on the seeds both ran, with its 95% interval.
 Solvers too slow on a CPU for every seed run the first ``--limit METHOD=N`` seeds (defaults in
 :data:`LIMITS`; the default solver, chord, runs all of them). Each cell is saved as it finishes
-under ``benchmarks/results/tasks/`` (an interrupted run resumes; ``--shard i/k`` splits cells
+under ``tasks/`` in the results folder (``benchmarks/results/`` by default, see
+:mod:`policy_accel.bench.paths`; an interrupted run resumes; ``--shard i/k`` splits cells
 between processes), and ``--report`` writes ``tasks.json``, ``tasks.md`` (one table per task) and
 ``tasks.png`` (success with intervals and rounds per sampler across the tasks) from the saved
 cells. Replan-by-replan exactness and interleaved latency ratios are ``bench.control``'s.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from policy_accel.bench.paths import checkpoints_dir, result_path, results_dir
 from policy_accel.bench.solvers import load_average, machine
 from policy_accel.eval.config import (
     EnvConfig,
@@ -44,10 +47,6 @@ from policy_accel.eval.evaluate import paired_difference, rollout
 from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
-ROOT = Path(__file__).resolve().parents[2]
-CHECKPOINTS = ROOT / "checkpoints"
-RESULTS = Path("benchmarks/results/tasks.json")
-CELLS_DIR = Path("benchmarks/results/tasks")
 SOLVER_METHODS = ("picard", "paradigms", "taa", "srds", "newton", "chord")
 SAMPLERS = {
     "sequential": SamplerConfig(method="sequential", warm_start=False),
@@ -75,10 +74,11 @@ class Cell:
         return f"{self.task}_{self.sampler}"
 
 
-def shipped_checkpoints(root: Path = CHECKPOINTS) -> dict[str, dict]:
-    """``name -> env.json`` (plus its ``path``) for every shipped checkpoint."""
+def shipped_checkpoints(root: Path | None = None) -> dict[str, dict]:
+    """``name -> env.json`` (plus its ``path``) for every checkpoint in ``root`` (default: the
+    shipped ones, :func:`~policy_accel.bench.paths.checkpoints_dir`)."""
     found = {}
-    for env_file in sorted(root.glob("*/env.json")):
+    for env_file in sorted((root or checkpoints_dir()).glob("*/env.json")):
         spec = json.loads(env_file.read_text())
         found[env_file.parent.name] = {**spec, "path": env_file.parent}
     return found
@@ -334,16 +334,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     parser.add_argument("--shard", type=shard_arg, default=(0, 1), help="run cells i, i+k, ...")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cells-dir", type=Path, default=CELLS_DIR)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--root", type=Path, default=CHECKPOINTS, help="checkpoints folder")
+    parser.add_argument("--cells-dir", type=Path, help="default: tasks/ in the results folder")
+    parser.add_argument("--output", type=Path, help="default: tasks.json in the results folder")
+    parser.add_argument("--root", type=Path, help="checkpoints folder (default: the shipped)")
     parser.add_argument("--report", action="store_true", help="only tabulate the saved cells")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report:
-        result = report(args.cells_dir, args.output)
-        print(args.output.with_suffix(".md").read_text())
+        output = result_path("tasks.json", args.output)
+        result = report(args.cells_dir or results_dir() / "tasks", output)
+        print(output.with_suffix(".md").read_text())
         return result
     limits = {}
     for item in args.limit:
@@ -363,11 +364,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.list:
         print("\n".join(cell.key for cell in todo))
         return None
-    args.cells_dir.mkdir(parents=True, exist_ok=True)
+    cells_dir = args.cells_dir or results_dir() / "tasks"
+    cells_dir.mkdir(parents=True, exist_ok=True)
     policies: dict[str, object] = {}
     for cell in todo:
         episodes = min(args.episodes, limits.get(cell.sampler, args.episodes))
-        path = args.cells_dir / f"{cell.key}.json"
+        path = cells_dir / f"{cell.key}.json"
         if path.exists() and json.loads(path.read_text()).get("episodes") == episodes:
             continue  # done by an earlier run
         spec = available[cell.task]
@@ -382,8 +384,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"(p90 {data['rounds_p90']:.0f})  {data['wall_s']:6.0f} s",
             flush=True,
         )
-    result = report(args.cells_dir, args.output)
-    print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    output = result_path("tasks.json", args.output)
+    result = report(cells_dir, output)
+    print(f"wrote {output} and {output.with_suffix('.md')}")
     return result
 
 

@@ -16,10 +16,10 @@ sampled sequentially (exact DDPM) and by the default parallel solver warm-starte
 50 held-out seeds and noise. Per cell: success and its paired difference to the zero-delay
 sequential run of the shipped chunk length (95% interval), mean score, the action jump where a
 new chunk takes over, the motion within a chunk, jerk, starved steps, rounds and latency per
-replan. Each cell is saved as it finishes under
-``benchmarks/results/transitions/`` (an interrupted sweep resumes; ``--shard i/k`` splits the
-cells between processes), and ``--report`` writes ``transitions.json``, a markdown table and
-one plot per task from whatever cells exist.
+replan. Each cell is saved as it finishes under ``transitions/`` in the results folder
+(``benchmarks/results/`` by default, see :mod:`policy_accel.bench.paths`; an interrupted sweep
+resumes; ``--shard i/k`` splits the cells between processes), and ``--report`` writes
+``transitions.json``, a markdown table and one plot per task from whatever cells exist.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
+from policy_accel.bench.paths import result_path, results_dir
 from policy_accel.bench.solvers import machine
 from policy_accel.bench.tasks import (
-    CHECKPOINTS,
     interval,
     load_cells,
     shard_arg,
@@ -47,7 +47,6 @@ from policy_accel.eval.evaluate import paired_difference, rollout
 from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
-CELLS_DIR = Path("benchmarks/results/transitions")
 TRANSITIONS = ("naive", "average", "inpaint", "soft_inpaint")
 SAMPLERS = {
     "sequential": SamplerConfig(method="sequential", warm_start=False),
@@ -243,7 +242,7 @@ def shipped_chunks() -> dict[str, int]:
     """Each shipped task's checkpoint ``n_action_steps`` (the zero-delay reference's)."""
     return {
         name: load_policy(spec["path"]).n_action_steps
-        for name, spec in shipped_checkpoints(CHECKPOINTS).items()
+        for name, spec in shipped_checkpoints().items()
     }
 
 
@@ -257,18 +256,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=25, help="envs per batched replan")
     parser.add_argument("--shard", type=shard_arg, default=(0, 1), help="run cells i, i+k, ...")
-    parser.add_argument("--cells-dir", type=Path, default=CELLS_DIR)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/transitions.json"))
+    parser.add_argument("--cells-dir", type=Path, help="default: in the results folder")
+    parser.add_argument("--output", type=Path, help="default: in the results folder")
     parser.add_argument("--report", action="store_true", help="only tabulate the saved cells")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report:
-        result = report(args.cells_dir, args.output, shipped_chunks())
-        print(args.output.with_suffix(".md").read_text())
+        output = result_path("transitions.json", args.output)
+        result = report(args.cells_dir or results_dir() / "transitions", output, shipped_chunks())
+        print(output.with_suffix(".md").read_text())
         return result
-    available = shipped_checkpoints(CHECKPOINTS)
+    available = shipped_checkpoints()
     tasks = args.tasks or sorted(available)
     unknown = sorted(set(tasks) - set(available))
     if unknown:
@@ -279,10 +279,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.list:
         print("\n".join(cell.key for cell in todo))
         return None
-    args.cells_dir.mkdir(parents=True, exist_ok=True)
+    cells_dir = args.cells_dir or results_dir() / "transitions"
+    cells_dir.mkdir(parents=True, exist_ok=True)
     policies: dict[str, object] = {}
     for cell in todo:
-        path = args.cells_dir / f"{cell.key}.json"
+        path = cells_dir / f"{cell.key}.json"
         if path.exists() and json.loads(path.read_text()).get("episodes") == args.episodes:
             continue
         spec = available[cell.task]
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"{data['wall_s']:.0f} s",
             flush=True,
         )
-    return report(args.cells_dir, args.output, shipped_chunks())
+    return report(cells_dir, result_path("transitions.json", args.output), shipped_chunks())
 
 
 if __name__ == "__main__":
