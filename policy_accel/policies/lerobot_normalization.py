@@ -20,6 +20,7 @@ in the legacy ``normalize_inputs.buffer_<camera>`` buffers alike), and broadcast
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -244,6 +245,12 @@ def read_normalizer_step(directory: Path, file_name: str, registry_name: str) ->
             f"{path}: the {registry_name!r} step names no 'state_file' holding its stats."
         )
     state_path = _inside(directory, step["state_file"], path, registry_name)
+    if state_path.exists() and not state_path.is_file():
+        raise LeRobotCheckpointError(
+            f"{state_path} is not a regular file (a directory, FIFO or device), but "
+            f"{path.name} names it as the {registry_name!r} stats file; replace it with the "
+            "safetensors file from the original checkpoint."
+        )
     if not state_path.is_file():
         raise LeRobotCheckpointError(
             f"{state_path} does not exist, but {path.name} names it as the {registry_name!r} "
@@ -266,16 +273,37 @@ def read_normalizer_step(directory: Path, file_name: str, registry_name: str) ->
 
 def _inside(directory: Path, name: str, path: Path, registry_name: str) -> Path:
     """``directory / name``, refused (the same way whether or not it exists) unless it names a
-    file inside the checkpoint directory: no absolute paths, ``..`` or links leading out."""
+    file inside the checkpoint directory: no absolute paths or ``..`` leading out, and links only
+    to files of the checkpoint (:func:`checkpoint_roots`: the directory, and the blobs of the
+    Hugging Face cache repo that a snapshot directory's links point to)."""
     candidate = directory / name
-    root = directory.resolve()
+    lexical = os.path.normpath(name)
     resolved = candidate.resolve()
-    if Path(name).is_absolute() or resolved == root or not resolved.is_relative_to(root):
+    if (
+        Path(name).is_absolute()
+        or lexical == os.curdir
+        or lexical.split(os.sep)[0] == os.pardir
+        or not any(
+            resolved != root and resolved.is_relative_to(root)
+            for root in checkpoint_roots(directory)
+        )
+    ):
         raise LeRobotCheckpointError(
             f"{path}: the {registry_name!r} step's state_file {name[:80]!r} is not a file inside "
             "the checkpoint directory; it must name one of the checkpoint's own files."
         )
     return candidate
+
+
+def checkpoint_roots(directory: Path) -> tuple[Path, ...]:
+    """The folders a checkpoint's files may resolve into: the directory itself and, when it is a
+    snapshot of the Hugging Face cache (``models--org--name/snapshots/<revision>/``, whose files
+    are links to ``../../blobs/<hash>``), that repo's ``blobs/`` folder."""
+    root = directory.resolve()
+    blobs = root.parent.parent / "blobs"
+    if root.parent.name == "snapshots" and blobs.is_dir():
+        return root, blobs.resolve()
+    return (root,)
 
 
 def processor_normalization(

@@ -9,6 +9,7 @@ import codecs
 import copy
 import json
 import lzma
+import os
 import shutil
 import time
 import tracemalloc
@@ -270,6 +271,57 @@ def test_a_lerobot_state_file_outside_the_checkpoint_is_refused(tmp_path, state_
     with pytest.raises(LeRobotCheckpointError, match="is not a file inside the checkpoint") as e:
         load_policy(copy_dir)
     assert "does not exist" not in str(e.value)  # the text never tells whether a path exists
+
+
+STATE_FILE = "policy_preprocessor_step_3_normalizer_processor.safetensors"
+
+
+def _snapshot_copy(tmp_path: Path) -> Path:
+    """The LeRobot fixture copied as a Hugging Face cache snapshot folder (plain files)."""
+    snapshot = tmp_path / "models--x--y" / "snapshots" / "rev"
+    (tmp_path / "models--x--y" / "blobs").mkdir(parents=True)
+    shutil.copytree(LEROBOT, snapshot)
+    return snapshot
+
+
+@pytest.mark.parametrize("layout", ["plain", "hub-snapshot"])
+def test_a_lerobot_state_file_linking_out_of_the_checkpoint_is_refused(tmp_path, layout):
+    """Links into the hub cache's blobs are allowed (test_lerobot); links anywhere else are not."""
+    require(LEROBOT)
+    if layout == "plain":
+        copy_dir = tmp_path / "ckpt"
+        shutil.copytree(LEROBOT, copy_dir)
+    else:
+        copy_dir = _snapshot_copy(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((copy_dir / STATE_FILE).read_bytes())
+    (copy_dir / STATE_FILE).unlink()
+    (copy_dir / STATE_FILE).symlink_to(outside)
+    with pytest.raises(LeRobotCheckpointError, match="is not a file inside the checkpoint"):
+        load_policy(copy_dir)
+
+
+def test_a_lerobot_state_file_may_not_name_the_hub_blobs_itself(tmp_path):
+    """The name in the JSON stays inside the snapshot; only the hub's own links lead to blobs."""
+    require(LEROBOT)
+    snapshot = _snapshot_copy(tmp_path)
+    (snapshot / STATE_FILE).rename(snapshot.parents[1] / "blobs" / "stats")
+    pipeline = json.loads((snapshot / "policy_preprocessor.json").read_text())
+    pipeline["steps"][3]["state_file"] = "../../blobs/stats"
+    (snapshot / "policy_preprocessor.json").write_text(json.dumps(pipeline))
+    with pytest.raises(LeRobotCheckpointError, match="is not a file inside the checkpoint"):
+        load_policy(snapshot)
+
+
+def test_a_lerobot_state_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    require(LEROBOT)
+    snapshot = _snapshot_copy(tmp_path)
+    fifo = snapshot.parents[1] / "blobs" / "fifo"
+    os.mkfifo(fifo)  # reading it would block forever
+    (snapshot / STATE_FILE).unlink()
+    (snapshot / STATE_FILE).symlink_to(Path("..", "..", "blobs", "fifo"))
+    with pytest.raises(LeRobotCheckpointError, match=f"{STATE_FILE} is not a regular file"):
+        load_policy(snapshot)
 
 
 @pytest.mark.parametrize(

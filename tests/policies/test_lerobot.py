@@ -6,15 +6,18 @@ replayed sampling runs with their recorded noise and an online ``select_action``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from policy_accel import load_policy
 from policy_accel.policies import ObservationError
 from policy_accel.policies.lerobot import LeRobotCheckpointError, load_lerobot
 from policy_accel.policies.lerobot_config import read_config
@@ -327,6 +330,42 @@ def test_eps_placement_current_and_legacy():
         mean_std = FeatureNormalization("MEAN_STD", gaussian, eps=0.5, legacy=flag)
         assert torch.equal(mean_std.normalize(torch.tensor([3.0])), torch.tensor([2.0]))
         assert torch.equal(mean_std.unnormalize(torch.tensor([2.0])), torch.tensor([2.0]))
+
+
+# --- layouts on disk ---------------------------------------------------------------------------
+
+
+def hub_cache_snapshot(cache, source=CHECKPOINT, revision="0123abcd"):
+    """``source`` as the Hugging Face hub caches it: content-addressed files in
+    ``models--org--name/blobs/`` and ``snapshots/<revision>/<name>`` links to
+    ``../../blobs/<sha256>`` (what ``from_pretrained`` / ``snapshot_download`` leave on disk)."""
+    repo = cache / "models--lerobot--diffusion_pusht_keypoints"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for path in sorted(source.iterdir()):
+        if path.name in ("cases.npz", "meta.json"):
+            continue
+        data = path.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob))
+    return snapshot
+
+
+def test_a_hub_cache_snapshot_of_links_loads_and_acts_the_same(policy, cases, tmp_path):
+    snapshot = hub_cache_snapshot(tmp_path / "hub")
+    state_file = snapshot / normalizer_state_file(snapshot)
+    assert state_file.is_symlink() and not state_file.resolve().is_relative_to(snapshot)
+    cached = load_policy(snapshot)
+    obs = observation(cases)
+    draws = cases["ddpm10__noise_init"], cases["ddpm10__noise_steps"]
+    ours = replay(cached, obs, *draws, steps=10)
+    plain = replay(policy, obs, *draws, steps=10)
+    assert torch.equal(ours["action"], plain["action"])
+    assert torch.equal(ours["result"].sample, plain["result"].sample)
 
 
 # --- bad checkpoints and observations ---------------------------------------------------------
