@@ -35,6 +35,14 @@ PLAIN_FIELDS = POSITIVE_INTS + (
     "beta_end", "prediction_type", "clip_sample",
 )  # fmt: skip
 REQUIRED_FIELDS = PLAIN_FIELDS + ("input_features", "output_features", "down_dims")
+BOOL_FIELDS = ("use_film_scale_modulation", "clip_sample")
+# open ranges of the scheduler's floats: betas are per-step noise variances, clip_sample_range the
+# bound of the clean-sample prediction in normalized units (LeRobot: 1e-4, 0.02 and 1.0)
+FLOAT_RANGES = {
+    "beta_start": (0.0, 1.0),
+    "beta_end": (0.0, 1.0),
+    "clip_sample_range": (0.0, float("inf")),
+}
 # which bound of validation.LIMITS each integer field has (others: "width")
 INT_LIMITS = {
     "n_obs_steps": "horizon",
@@ -186,6 +194,7 @@ def _check_values(path: Path, raw: dict) -> None:
             f"{path}: `down_dims` must be a non-empty list of positive ints of at most "
             f"{LIMITS['width']}. Got {str(down_dims)[:60]!r}."
         )
+    _check_scheduler_numbers(path, raw)
     steps = raw.get("num_inference_steps")
     if steps is not None and (not _is_positive_int(steps) or steps > raw["num_train_timesteps"]):
         raise LeRobotCheckpointError(
@@ -200,6 +209,22 @@ def _check_values(path: Path, raw: dict) -> None:
             raise LeRobotCheckpointError(
                 f"{path}: `{name}` must map keys to {{'type': ..., 'shape': [...]}}. "
                 f"Got {features!r}."
+            )
+
+
+def _check_scheduler_numbers(path: Path, raw: dict) -> None:
+    """The scheduler's floats in their ranges and its flags as bools, so that a bad value is
+    refused here, naming the field, rather than in every plan. NaN fails every comparison."""
+    for name in BOOL_FIELDS:
+        if not isinstance(raw[name], bool):
+            raise LeRobotCheckpointError(
+                f"{path}: `{name}` must be true or false. Got {str(raw[name])[:40]!r}."
+            )
+    for name, (low, high) in FLOAT_RANGES.items():
+        value = raw.get(name, 1.0) if name == "clip_sample_range" else raw[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+            raise LeRobotCheckpointError(
+                f"{path}: `{name}` must be a number in ({low}, {high}). Got {str(value)[:40]!r}."
             )
 
 

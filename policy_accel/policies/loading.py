@@ -26,7 +26,12 @@ from policy_accel.policies.diffusion_policy import (
 from policy_accel.policies.diffusion_policy_image import DiffusionPolicyImage
 from policy_accel.policies.errors import CheckpointContentError, CheckpointFormatError
 from policy_accel.policies.pickle_safe import check_no_interpolation, read_checkpoint
-from policy_accel.policies.validation import BOOKKEEPING_KEYS, naming_the_file, read_json_object
+from policy_accel.policies.validation import (
+    BOOKKEEPING_KEYS,
+    check_finite,
+    naming_the_file,
+    read_json_object,
+)
 
 SAFE_CONFIG = "policy_accel.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -69,6 +74,7 @@ def build_diffusion_policy(cfg: dict, state: dict, source: str, device="cpu") ->
     if not isinstance(cfg, dict):
         raise CheckpointContentError(f"{source}: cfg.policy must be a mapping.")
     check_no_interpolation(cfg, source, "cfg.policy")
+    check_finite(cfg, source, "cfg.policy")
     with naming_the_file(source):
         if class_name(cfg, f"{source}: cfg.policy") in IMAGE_POLICIES:
             return DiffusionPolicyImage(cfg, state, source, device=device)

@@ -48,6 +48,7 @@ from policy_accel.policies.errors import (
     CheckpointFormatError,
     UnsafeCheckpointError,
 )
+from policy_accel.policies.validation import config_leaves
 from policy_accel.policies.xz_file import read_xz
 
 __all__ = [
@@ -318,16 +319,8 @@ def check_no_interpolation(cfg: Any, source: str, where: str = "cfg") -> None:
     """Refuse a config value that holds an OmegaConf interpolation ``${...}``: a checkpoint is
     data, and resolving one could read environment variables, call resolvers or take unbounded
     time. Names the file and the key."""
-    stack = [(where, cfg, 0)]
-    while stack:
-        name, value, depth = stack.pop()
-        if depth > 64:
-            raise CheckpointContentError(f"{source}: {name} is nested deeper than 64 levels.")
-        if isinstance(value, dict):
-            stack.extend((f"{name}.{key}", item, depth + 1) for key, item in value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((f"{name}[{i}]", item, depth + 1) for i, item in enumerate(value))
-        elif isinstance(value, str) and "${" in value:
+    for name, value in config_leaves(cfg, source, where):
+        if isinstance(value, str) and "${" in value:
             raise UnsafeCheckpointError(
                 f"{source}: {name[:120]} is the interpolation {value[:80]!r}; a checkpoint's "
                 "config must be resolved (DiffusionPolicy's train.py saves it resolved), and "

@@ -12,6 +12,7 @@ the file and the key.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -159,12 +160,52 @@ def naming_the_file(
         ) from error
 
 
+MAX_CONFIG_DEPTH = 64
+
+
+def config_leaves(cfg: Any, source: str, where: str = "cfg") -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of every leaf of a config of dicts and lists, named as ``where.key[i]``
+    (``key[i]`` when ``where`` is empty); a config nested deeper than ``MAX_CONFIG_DEPTH`` is
+    refused naming ``source``."""
+    stack = [(where, cfg, 0)]
+    while stack:
+        name, value, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise CheckpointContentError(
+                f"{source}: {name[:120]} is nested deeper than {MAX_CONFIG_DEPTH} levels."
+            )
+        if isinstance(value, dict):
+            stack.extend((f"{name}.{key}" if name else str(key), item, depth + 1)
+                         for key, item in value.items())  # fmt: skip
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{name}[{i}]", item, depth + 1) for i, item in enumerate(value))
+        else:
+            yield name, value
+
+
+def check_finite(
+    cfg: Any, source: str, where: str, error_type: type[CheckpointError] = CheckpointContentError
+) -> None:
+    """Refuse NaN and infinite numbers anywhere in a config, naming the file and the field: no
+    setting of a policy is meant to be one, and one read as a scheduler's ``clip_sample_range``
+    or ``beta_start`` would break every plan far from its cause."""
+    for name, value in config_leaves(cfg, source, where):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error_type(
+                f"{source}: {name[:120]} is {value}, not a finite number. Write the value the "
+                "policy was trained with (JSON has no NaN or Infinity; Python's json module "
+                "writes them for such floats)."
+            )
+
+
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 def read_json_object(path, error_type: type[CheckpointError]) -> dict:
     """A JSON object from a checkpoint's config file (at most ``MAX_CONFIG_BYTES``, UTF-8),
     with errors of ``error_type`` that name the file."""
+    if path.exists() and not path.is_file():
+        raise error_type(f"{path} is not a regular file (a directory, FIFO or device).")
     if not path.is_file():
         raise error_type(f"{path} does not exist; the checkpoint needs it.")
     if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -181,4 +222,5 @@ def read_json_object(path, error_type: type[CheckpointError]) -> dict:
         ) from error
     if not isinstance(value, dict):
         raise error_type(f"{path} holds a JSON {type(value).__name__}, expected an object.")
+    check_finite(value, str(path), "", error_type)
     return value

@@ -10,6 +10,7 @@ import copy
 import json
 import lzma
 import os
+import re
 import shutil
 import time
 import tracemalloc
@@ -251,6 +252,86 @@ def test_invalid_utf8_in_the_safe_format_names_the_file(tmp_path):
     destination = convert(FIXTURE / "model.ckpt", tmp_path / "converted")
     (destination / "policy_accel.json").write_bytes(b'{"format": "\xff\xfe"}')
     with pytest.raises(CheckpointFormatError, match=r"policy_accel\.json is not valid JSON"):
+        load_policy(destination)
+
+
+# --- non-finite numbers (issue 22, item 8) -------------------------------------------------------
+
+
+def _lerobot_copy(tmp_path: Path, file_name: str, edit) -> Path:
+    """The LeRobot fixture with ``edit(json)`` applied to ``file_name``; a value ``"@<literal>"``
+    is written as the bare literal (``NaN``, ``Infinity``, ``1e999``), as Python's json does."""
+    require(LEROBOT)
+    copy_dir = tmp_path / "ckpt"
+    shutil.copytree(LEROBOT, copy_dir)
+    content = json.loads((copy_dir / file_name).read_text())
+    edit(content)
+    text = re.sub(r'"@([^"]+)"', r"\1", json.dumps(content))
+    (copy_dir / file_name).write_text(text)
+    return copy_dir
+
+
+@pytest.mark.parametrize(
+    "field, literal, shown",
+    [
+        ("clip_sample_range", "NaN", "nan"),
+        ("clip_sample_range", "Infinity", "inf"),
+        ("beta_start", "-Infinity", "-inf"),
+        ("beta_end", "1e999", "inf"),  # parses as a float overflow, not a constant
+    ],
+)
+def test_a_non_finite_number_in_a_lerobot_config_is_refused_naming_it(
+    tmp_path, field, literal, shown
+):
+    copy_dir = _lerobot_copy(tmp_path, "config.json", lambda c: c.update({field: f"@{literal}"}))
+    message = rf"config\.json: {field} is {shown}, not a finite number"
+    with pytest.raises(LeRobotCheckpointError, match=message):
+        load_policy(copy_dir)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("clip_sample_range", 0, r"`clip_sample_range` must be a number in \(0\.0, inf\)"),
+        ("clip_sample_range", "1.0", r"`clip_sample_range` must be a number"),
+        ("beta_end", 1.5, r"`beta_end` must be a number in \(0\.0, 1\.0\)\. Got '1\.5'"),
+        ("clip_sample", "yes", r"`clip_sample` must be true or false"),
+    ],
+)
+def test_lerobot_scheduler_numbers_out_of_range_are_refused(tmp_path, field, value, message):
+    copy_dir = _lerobot_copy(tmp_path, "config.json", lambda c: c.update({field: value}))
+    with pytest.raises(LeRobotCheckpointError, match=message):
+        load_policy(copy_dir)
+
+
+def test_a_non_finite_processor_eps_is_refused_naming_the_step(tmp_path):
+    def edit(pipeline):
+        pipeline["steps"][3]["config"]["eps"] = "@NaN"
+
+    copy_dir = _lerobot_copy(tmp_path, "policy_preprocessor.json", edit)
+    message = r"policy_preprocessor\.json: steps\[3\]\.config\.eps is nan"
+    with pytest.raises(LeRobotCheckpointError, match=message):
+        load_policy(copy_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_number_in_a_pickled_policy_config_is_refused(payload, tmp_path, value):
+    cfg = _with_policy(payload, noise_scheduler__clip_sample_range=value)
+    path = _save(tmp_path / "odd.ckpt", payload, cfg)
+    message = rf"odd\.ckpt: cfg\.policy\.noise_scheduler\.clip_sample_range is {value}, not a"
+    with pytest.raises(CheckpointContentError, match=message):
+        load_policy(path)
+
+
+def test_a_non_finite_number_in_the_safe_format_is_refused(tmp_path):
+    from policy_accel.policies.loading import convert
+
+    destination = convert(FIXTURE / "model.ckpt", tmp_path / "converted")
+    config = json.loads((destination / "policy_accel.json").read_text())
+    config["policy"]["noise_scheduler"]["beta_start"] = float("nan")
+    (destination / "policy_accel.json").write_text(json.dumps(config))  # writes a bare NaN
+    message = r"policy_accel\.json: policy\.noise_scheduler\.beta_start is nan"
+    with pytest.raises(CheckpointFormatError, match=message):
         load_policy(destination)
 
 
