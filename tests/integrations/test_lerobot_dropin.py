@@ -131,4 +131,7 @@ def test_exported_shipped_checkpoints_load_in_lerobot_and_act_the_same(name, tmp
     with torch.no_grad():
         batch = pre({key: value for key, value in frames.items()})
         chunk = post(policy.predict_action_chunk(batch))
-    assert (chunk - expected).abs().max() <= 1e-3  # environment units
+    # DESIGN's fixture bound in normalized units (the old 1e-3 environment units was 4e-6
+    # normalized for PushT's pixels: two implementations' float32 rounding on one CPU)
+    error = (ours.normalize_action(chunk) - ours.normalize_action(expected)).abs().max()
+    assert error <= 1e-4

@@ -16,6 +16,11 @@ from tests.shared_fixtures import require
 
 FIXTURES = SHARED / "diffusion_policy"
 NAMES = ["unet_lowdim_global", "transformer_lowdim"]
+# DESIGN's bound for golden fixtures, in normalized units: the networks' float32 rounding differs
+# between CPUs (denoiser outputs are 7e-7 off on an Intel Xeon; on LeRobot's fixture an AMD EPYC
+# was ~6x further off than the Xeon). The ddpm100 "cases" run is 2.4e-5 off on the Xeon: that
+# recording's diffusers differs slightly (cases_diffusers042 reproduces to 1e-6).
+NORMALIZED_ATOL = 1e-4
 # upstream's *_ddim_* config, which the ddim8 run swapped in
 DDIM8 = dict(
     num_train_timesteps=100,
@@ -60,7 +65,7 @@ def test_raw_denoiser_outputs_match_the_ema_model(fixture):
                 torch.from_numpy(cases["denoise__timestep"][i]),
                 **kwargs,
             )
-        assert np.abs(out.numpy() - cases["denoise__out_ema"][i]).max() <= 1e-5
+        assert np.abs(out.numpy() - cases["denoise__out_ema"][i]).max() <= NORMALIZED_ATOL
         # the non-EMA weights give other outputs: the loader picked ema_model
         assert np.abs(out.numpy() - cases["denoise__out_model"][i]).max() > 1e-3
 
@@ -93,11 +98,9 @@ def test_actions_match_the_original_code(fixture, run, source):
     reference = cases if source == "cases" else cases042
     out = replay(policy, reference, run)
     normalize = lambda a: policy.normalizer.normalize("action", torch.as_tensor(a)).numpy()  # noqa: E731
-    assert (
-        np.abs(normalize(out["action_pred"]) - normalize(reference[f"{run}__action_pred"])).max()
-        <= 1e-4
-    )
-    assert np.abs(normalize(out["action"]) - normalize(reference[f"{run}__action"])).max() <= 1e-4
+    for key in ("action_pred", "action"):
+        error = np.abs(normalize(out[key]) - normalize(reference[f"{run}__{key}"])).max()
+        assert error <= NORMALIZED_ATOL, key
     assert out["action"].shape == (3, policy.n_action_steps, policy.action_dim)
 
 

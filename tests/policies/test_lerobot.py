@@ -34,7 +34,11 @@ CHECKPOINT = FIXTURES / "lerobot" / "diffusion_pusht_keypoints"
 require(CHECKPOINT / "cases.npz")
 
 STATE, ENV = "observation.state", "observation.environment_state"
-NORMALIZED_ATOL, ENV_UNITS_ATOL = 1e-5, 1e-3
+# DESIGN's bound for golden fixtures: 1e-4 in normalized units. The UNet's float32 rounding
+# differs between CPUs (~6e-7 on an Intel Xeon, where these fixtures reproduce to 6e-7); actions
+# in environment units are compared after normalizing them, clean-sample predictions in the units
+# of the step's noise (see x0_bound).
+NORMALIZED_ATOL = 1e-4
 PARALLEL = [name for name in SOLVERS if name != "sequential"]
 
 
@@ -55,6 +59,22 @@ def observation(cases, prefix="obs__", rows=slice(None)):
 
 def max_error(a, b):
     return float((a - b).abs().max())
+
+
+def action_error(policy, actions, reference):
+    """The largest difference of two action arrays in environment units, measured in the model's
+    normalized units (PushT's 1e-4 normalized is ~0.03 px)."""
+    return max_error(policy.normalize_action(actions), policy.normalize_action(reference))
+
+
+def x0_bound(policy, timesteps):
+    """Per-step bound ``[N, 1, 1, 1]`` on the clean-sample prediction
+    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``: rounding in ``x_t`` and ``eps`` is amplified
+    by ``1 / sqrt(a_t)`` (~2000 at this checkpoint's noisiest DDPM-100 step), so NORMALIZED_ATOL
+    applies to ``sqrt(a_t) * x0``; at the clean end the bound is NORMALIZED_ATOL itself. (An AMD
+    EPYC was 1.47e-5 off against the old flat 1e-5; an Intel Xeon is within 0.6% of this bound.)"""
+    alpha_bar = policy.scheduler.alphas_cumprod[timesteps].to(torch.float32)
+    return (NORMALIZED_ATOL / alpha_bar.sqrt()).reshape(-1, 1, 1, 1)
 
 
 def replay(policy, obs, noise_init, noise_steps, method="sequential", steps=None, **options):
@@ -146,14 +166,15 @@ def test_replayed_run_matches_lerobot(policy, cases, run, tmp_path):
     trace = {
         "x_t": result.trajectory[:-1],
         "prev_sample": result.trajectory[1:],
-        "pred_original_sample": result.x0_predictions,
         "action_pred_norm": result.sample,
         "action_norm": result.sample[:, start : start + policy.n_action_steps],
     }
     for key, value in trace.items():
         assert max_error(value, cases[f"{run}__{key}"]) <= NORMALIZED_ATOL, key
+    x0_error = (result.x0_predictions - cases[f"{run}__pred_original_sample"]).abs()
+    assert bool((x0_error <= x0_bound(policy, timesteps)).all()), "pred_original_sample"
     for key in ("action", "action_pred"):
-        assert max_error(out[key], cases[f"{run}__{key}"]) <= ENV_UNITS_ATOL, key
+        assert action_error(policy, out[key], cases[f"{run}__{key}"]) <= NORMALIZED_ATOL, key
 
 
 def test_seeded_global_generator_draws_lerobots_noise(policy, cases):
@@ -191,7 +212,7 @@ def test_online_episode_replays_select_action(policy, cases):
         actions_norm.append(action_norm)
     assert replans == cases["episode__replan_steps"].tolist()
     assert max_error(torch.stack(actions_norm), cases["episode__action_norm"]) <= NORMALIZED_ATOL
-    assert max_error(torch.stack(popped), cases["episode__action"]) <= ENV_UNITS_ATOL
+    assert action_error(policy, torch.stack(popped), cases["episode__action"]) <= NORMALIZED_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +273,7 @@ def test_legacy_layout_gives_the_same_actions(cases, tmp_path):
         assert max_error(value, cases[f"nobs__{key}"]) <= 1e-6  # eps placement: ~1 ulp
     out = replay(legacy, obs, cases["ddpm100__noise_init"], cases["ddpm100__noise_steps"])
     assert max_error(out["result"].sample, cases["ddpm100__action_pred_norm"]) <= NORMALIZED_ATOL
-    assert max_error(out["action"], cases["ddpm100__action"]) <= ENV_UNITS_ATOL
+    assert action_error(legacy, out["action"], cases["ddpm100__action"]) <= NORMALIZED_ATOL
 
 
 def test_legacy_default_mapping_leaves_environment_state_raw(cases, tmp_path):
