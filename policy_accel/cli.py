@@ -9,12 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DESTINATION_HELP = (
+    "folder to write (the files go into a new folder beside it, renamed into place); refused "
+    "if it overlaps the source or holds links"
+)
+OVERWRITE_HELP = "replace a destination that holds files, as a whole (never merged)"
 
 
 def _convert(args: argparse.Namespace) -> int:
     from policy_accel.policies.loading import convert
 
-    destination = convert(args.source, args.destination)
+    destination = convert(args.source, args.destination, overwrite=args.overwrite)
     print(f"wrote {destination} (policy_accel.json + model.safetensors)")
     return 0
 
@@ -22,17 +27,21 @@ def _convert(args: argparse.Namespace) -> int:
 def _export_lerobot(args: argparse.Namespace) -> int:
     import json
 
+    from policy_accel.policies.destination import check_destination
     from policy_accel.policies.lerobot_export import export_lerobot, robot_state_size
     from policy_accel.policies.loading import load_policy
 
     source = Path(args.source)
+    check_destination(args.destination, source=source, overwrite=args.overwrite)  # before loading
     state_size = args.state_size
     if state_size is None:
         env_file = source / "env.json"
         if not env_file.is_file():
             raise SystemExit(f"{source} has no env.json to read the task from; pass --state-size.")
         state_size = robot_state_size(json.loads(env_file.read_text())["env"])
-    destination = export_lerobot(load_policy(source), args.destination, state_size)
+    destination = export_lerobot(
+        load_policy(source), args.destination, state_size, overwrite=args.overwrite
+    )
     print(f"wrote {destination} (LeRobot: DiffusionPolicy.from_pretrained and its processors)")
     return 0
 
@@ -315,14 +324,16 @@ def main(argv: list[str] | None = None) -> int:
         help="rewrite a DiffusionPolicy .ckpt as safetensors + JSON (loads without unpickling)",
     )
     convert.add_argument("source", help="path to a .ckpt or .ckpt.xz file")
-    convert.add_argument("destination", help="directory to write")
+    convert.add_argument("destination", help=DESTINATION_HELP)
+    convert.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     convert.set_defaults(run=_convert)
     export = commands.add_parser(
         "export-lerobot",
         help="write a lowdim UNet checkpoint in LeRobot's format (config, weights, processors)",
     )
     export.add_argument("source", help="a checkpoint directory policy_accel loads")
-    export.add_argument("destination", help="directory to write")
+    export.add_argument("destination", help=DESTINATION_HELP)
+    export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     export.add_argument(
         "--state-size",
         type=int,

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from policy_accel.policies.destination import write_directory
 from policy_accel.policies.diffusion_policy import UNET_POLICY, DiffusionPolicyLowdim
 from policy_accel.policies.errors import CheckpointContentError
 from policy_accel.policies.lerobot_networks import to_lerobot_key
@@ -77,10 +78,21 @@ def _stats(values: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
-def export_lerobot(policy: DiffusionPolicyLowdim, directory: str | Path, state_size: int) -> Path:
+def export_lerobot(
+    policy: DiffusionPolicyLowdim,
+    directory: str | Path,
+    state_size: int,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write ``policy`` to ``directory`` in LeRobot 0.4+'s ``pretrained_model`` layout; the
     last ``state_size`` observation entries become ``observation.state``, the rest
-    ``observation.environment_state``. Returns the directory."""
+    ``observation.environment_state``. Returns the directory.
+
+    The files are written into a new folder renamed into place
+    (:func:`~policy_accel.policies.destination.write_directory`): a ``directory`` that overlaps
+    the policy's source or holds links is refused, and one that holds files is replaced as a
+    whole only with ``overwrite=True``."""
     _check_exportable(policy)
     obs_dim, steps = policy.obs_dim, policy.n_obs_steps
     if not 0 < state_size < obs_dim:
@@ -89,13 +101,7 @@ def export_lerobot(policy: DiffusionPolicyLowdim, directory: str | Path, state_s
     order = list(range(env_size, obs_dim)) + list(range(env_size))  # LeRobot's per-step order
     columns = torch.tensor([step * obs_dim + i for step in range(steps) for i in order])
     network = policy.modules.model
-    embed = network.diffusion_step_encoder[-1].out_features
-    tensors = {}
-    for key, value in network.state_dict().items():
-        value = value.detach().cpu()
-        if "cond_encoder" in key and key.endswith("weight") and value.dim() == 2:
-            value = torch.cat([value[:, :embed], value[:, embed:][:, columns]], dim=1)
-        tensors[to_lerobot_key(key)] = value.contiguous()
+    tensors = _lerobot_weights(network, columns)
     normalizer = policy.normalizer.params_dict
     obs_low, obs_high = _min_max(normalizer["obs"]["scale"], normalizer["obs"]["offset"])
     stats = _stats(
@@ -110,13 +116,32 @@ def export_lerobot(policy: DiffusionPolicyLowdim, directory: str | Path, state_s
         "observation.environment_state": {"type": "ENV", "shape": [env_size]},
     }
     action = {"action": {"type": "ACTION", "shape": [policy.action_dim]}}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    config = _config(policy, features, action, network)
+    with write_directory(directory, source=policy.source, overwrite=overwrite) as folder:
+        _write_files(folder, tensors, stats, config, features, action)
+    return Path(directory)
+
+
+def _lerobot_weights(network, columns: Tensor) -> dict[str, Tensor]:
+    """The UNet's weights under LeRobot's names, each FiLM encoder's condition columns permuted."""
+    embed = network.diffusion_step_encoder[-1].out_features
+    tensors = {}
+    for key, value in network.state_dict().items():
+        value = value.detach().cpu()
+        if "cond_encoder" in key and key.endswith("weight") and value.dim() == 2:
+            value = torch.cat([value[:, :embed], value[:, embed:][:, columns]], dim=1)
+        tensors[to_lerobot_key(key)] = value.contiguous()
+    return tensors
+
+
+def _write_files(
+    directory: Path, tensors: dict, stats: dict, config: dict, features: dict, action: dict
+) -> None:
     save_file(tensors, directory / "model.safetensors")
     save_file(stats, directory / PREPROCESSOR_STATE)
     save_file({k: v for k, v in stats.items() if k.startswith("action.")},
               directory / POSTPROCESSOR_STATE)  # fmt: skip
-    _write(directory / "config.json", _config(policy, features, action, network))
+    _write(directory / "config.json", config)
     normalizer_config = {"eps": EPS, "features": {**features, **action}, "norm_map": NORM_MAP}
     device = {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}
     _write(
@@ -144,7 +169,6 @@ def export_lerobot(policy: DiffusionPolicyLowdim, directory: str | Path, state_s
             ],
         },
     )  # fmt: skip
-    return directory
 
 
 def _config(policy: DiffusionPolicyLowdim, features: dict, action: dict, network) -> dict:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from policy_accel.policies.base import Policy
+from policy_accel.policies.destination import check_destination, write_directory
 from policy_accel.policies.diffusion_policy import (
     IMAGE_POLICIES,
     DiffusionPolicyLowdim,
@@ -105,33 +106,39 @@ def _policy_and_weights(payload: dict, path: Path) -> tuple[dict, dict]:
     return cfg["policy"], state
 
 
-def convert(source: str | Path, destination: str | Path) -> Path:
+def convert(source: str | Path, destination: str | Path, *, overwrite: bool = False) -> Path:
     """Write a DiffusionPolicy ``.ckpt`` as ``destination/`` (``policy_accel.json`` +
     ``model.safetensors``), which :func:`load_policy` reads without any unpickling. The policy is
-    rebuilt from the file first, so only checkpoints that load are converted."""
+    rebuilt from the file first, so only checkpoints that load are converted.
+
+    The files are written into a new folder renamed into place
+    (:func:`~policy_accel.policies.destination.write_directory`): a ``destination`` that holds
+    the source or links is refused, and one that holds files is replaced as a whole only with
+    ``overwrite=True``."""
     source, destination = Path(source), Path(destination)
     if source.is_dir():
         raise ValueError(
             f"{source} is a directory: LeRobot and converted checkpoints are already safe "
             "(safetensors + JSON); only DiffusionPolicy .ckpt files need converting."
         )
+    check_destination(destination, source=source, overwrite=overwrite)  # before the slow read
     payload = read_checkpoint(source)
     cfg, state = _policy_and_weights(payload, source)
     build_diffusion_policy(cfg, state, str(source))  # validates config and weights
-    destination.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share memory (robomimic's encoders register the
     # same trunk under two names), and each name must load on its own
     tensors = {
         k: v.detach().clone().contiguous() for k, v in state.items() if k not in BOOKKEEPING_KEYS
     }
-    save_file(tensors, str(destination / SAFE_WEIGHTS), metadata={"format": "pt"})
     config = {
         "format": "diffusion_policy",
         "version": SAFE_FORMAT_VERSION,
         "source": source.name,
         "policy": cfg,
     }
-    (destination / SAFE_CONFIG).write_text(json.dumps(config, indent=2))
+    with write_directory(destination, source=source, overwrite=overwrite) as folder:
+        save_file(tensors, str(folder / SAFE_WEIGHTS), metadata={"format": "pt"})
+        (folder / SAFE_CONFIG).write_text(json.dumps(config, indent=2))
     return destination
 
 

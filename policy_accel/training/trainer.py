@@ -343,7 +343,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             _save(checkpoint, cfg, modules, ema, optimizer, lr_scheduler, state())
             last_save = time.perf_counter()
     _save(checkpoint, cfg, modules, ema, optimizer, lr_scheduler, state())
-    policy_dir = convert(checkpoint, output / "policy")
+    # a resumed run replaces the policy folder it wrote before, as a whole
+    policy_dir = convert(checkpoint, output / "policy", overwrite=True)
     (output / "train_log.json").write_text(
         json.dumps({"global_step": step, "elapsed_s": elapsed, "losses": losses}, indent=1)
     )
