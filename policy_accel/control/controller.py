@@ -27,6 +27,7 @@ from policy_accel.control.history import ObservationHistory
 from policy_accel.control.planner import Plan, Planner, RowState
 from policy_accel.control.records import PlanRecord, latency_stats
 from policy_accel.policies.base import Policy
+from policy_accel.policies.observations import OUT_OF_RANGE_MODES
 
 KEPT_RECORDS = 10_000  # a robot controller runs for days: stats cover the latest plans
 
@@ -49,6 +50,9 @@ class Controller:
         n_action_steps: actions executed per plan (default: the policy's; at most its chunk).
         seed: seed of the noise generator (each ``reset`` continues the same stream).
         executor: where the denoiser runs (default: ``sampler.executor``).
+        out_of_range: ``"refuse"`` (default) an observation outside the bound around the
+            policy's training range (:mod:`~policy_accel.policies.observations`), or
+            ``"accept"`` it.
         **settings: shortcuts for ``sampler`` fields and solver options, e.g.
             ``Controller(policy, method="taa", budget_ms=50, tolerance=1e-4)``.
     """
@@ -61,9 +65,14 @@ class Controller:
         n_action_steps: int | None = None,
         seed: int = 0,
         executor: Any = None,
+        out_of_range: str = "refuse",
         **settings: Any,
     ) -> None:
-        self.policy = policy
+        if out_of_range not in OUT_OF_RANGE_MODES:
+            raise ValueError(
+                f"out_of_range must be one of {list(OUT_OF_RANGE_MODES)}. Got {out_of_range!r}."
+            )
+        self.policy, self.out_of_range = policy, out_of_range
         self.sampler = SamplerConfig.from_settings(sampler, **settings)
         self.planner = Planner(policy, self.sampler, n_action_steps, executor)
         self.n_action_steps = self.planner.n_action_steps
@@ -110,7 +119,7 @@ class Controller:
         """Add ``obs`` to the history (the first after a reset fills it), validated first: a
         refused observation raises :class:`~policy_accel.policies.ObservationError` and is not
         recorded."""
-        step = self.policy.check_observation_step(obs)
+        step = self.policy.check_observation_step(obs, out_of_range=self.out_of_range)
         if len(self.history) == 0:
             self.history.reset(step)
         else:
@@ -155,6 +164,10 @@ class Controller:
         """The sequential sampler's chunk for ``plan``'s observation and noise: the exact sample
         it converges to (benchmarks compare solvers against it)."""
         return self.planner.reference(plan)[0]
+
+    def close(self) -> None:
+        """Release the planner's background thread (the Controller plans on if used again)."""
+        self.planner.close()
 
     def stats(self) -> dict[str, float]:
         """Latency p50/p95/p99, rounds, model evaluations, converged and warm fractions,

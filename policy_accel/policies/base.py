@@ -153,16 +153,24 @@ class Policy(ABC):
         the policy does not expose it (no range check beyond finiteness)."""
         return None
 
+    def observation_range(self, key: str) -> tuple[Tensor, Tensor] | None:
+        """The training data's per-dimension ``(low, high)`` of ``key`` in normalized units
+        (:meth:`normalize_input`'s), which bounds the observations :meth:`check_observation_step`
+        accepts; ``None`` when the checkpoint does not record it."""
+        return None
+
     def rename_observation(self, obs: dict) -> dict:
         """The observation with its keys as :attr:`observation_spec` names them (LeRobot's
         ``rename_map``); the caller's dict is not modified."""
         return obs
 
-    def check_observation_step(self, obs: Any) -> dict[str, np.ndarray]:
+    def check_observation_step(
+        self, obs: Any, *, out_of_range: str = "refuse"
+    ) -> dict[str, np.ndarray]:
         """One observation step (what an env returns), validated before it enters any history
         (see :func:`~policy_accel.policies.observations.check_observation_step`): float32 copies
         of the policy's keys, or an :class:`ObservationError`."""
-        return observations.check_observation_step(self, obs)
+        return observations.check_observation_step(self, obs, out_of_range=out_of_range)
 
     def _observation(self, obs: dict, key: str, shape: tuple[int, ...]) -> Tensor:
         return observations.observation_tensor(self, obs, key, shape)

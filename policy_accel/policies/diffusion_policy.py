@@ -217,6 +217,9 @@ class DiffusionPolicyLowdim(Policy):
     def normalize_input(self, key: str, value: Tensor) -> Tensor:
         return self.normalizer.normalize("obs", value)
 
+    def observation_range(self, key: str) -> tuple[Tensor, Tensor] | None:
+        return self.normalizer.normalized_range("obs")
+
     @property
     def event_shape(self) -> tuple[int, int]:
         if self.inpainting:  # observations are written into the trajectory's obs channels

@@ -274,6 +274,9 @@ class DiffusionPolicyImage(Policy):
     def normalize_input(self, key: str, value: Tensor) -> Tensor:
         return self.normalizer.normalize(key, value)
 
+    def observation_range(self, key: str) -> tuple[Tensor, Tensor] | None:
+        return self.normalizer.normalized_range(key)
+
     def encode(self, obs: dict) -> Tensor:
         """Validated, normalized observations through the encoder: ``[B, n_obs_steps, Do]``."""
         nobs, batch = {}, None

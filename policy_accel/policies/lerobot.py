@@ -134,8 +134,14 @@ class LeRobotDiffusionPolicy(Policy):
             return obs
         return {self.rename_map.get(key, key): value for key, value in obs.items()}
 
-    def normalize_input(self, key: str, value: Tensor) -> Tensor:
-        return self.input_normalization.get(key, IDENTITY).normalize(value)
+    def normalize_input(self, key: str, value: Tensor) -> Tensor | None:
+        normalization = self.input_normalization.get(key, IDENTITY)
+        if normalization.mode == "IDENTITY" and normalization.observed is None:
+            return None  # raw values and no recorded range: nothing to check them against
+        return normalization.normalize(value)
+
+    def observation_range(self, key: str) -> tuple[Tensor, Tensor] | None:
+        return self.input_normalization.get(key, IDENTITY).normalized_range()
 
     def normalize_observation(self, obs: dict) -> dict[str, Tensor]:
         """Validated, normalized ``[B, n_obs_steps, ...]`` history of every conditioning key

@@ -94,6 +94,9 @@ class FeatureNormalization:
     stats: dict[str, Tensor]
     eps: float
     legacy: bool = False
+    observed: tuple[Tensor, Tensor] | None = None
+    """The training data's ``(min, max)`` where the stats hold them (whatever the mode): the
+    range observations are checked against."""
 
     def normalize(self, x: Tensor) -> Tensor:
         if self.mode == "IDENTITY":
@@ -115,8 +118,23 @@ class FeatureNormalization:
             return (y + 1) / 2 * (high - low) + low
         return (y + 1) / 2 * self._denominator(low, high) + low
 
+    def normalized_range(self) -> tuple[Tensor, Tensor] | None:
+        """The training data's range in normalized units: its recorded min and max mapped, else
+        ``[-1, 1]`` where the mode maps the range there (MIN_MAX, the quantile modes); None
+        when neither is known."""
+        if self.observed is not None:
+            low, high = (self.normalize(bound) for bound in self.observed)
+            return torch.minimum(low, high), torch.maximum(low, high)
+        if self.mode in ("IDENTITY", "MEAN_STD"):
+            return None
+        low = torch.full_like(self._range()[0], -1.0)
+        return low, -low
+
     def to(self, device: torch.device | str) -> FeatureNormalization:
-        return replace(self, stats={name: t.to(device) for name, t in self.stats.items()})
+        observed = None if self.observed is None else tuple(t.to(device) for t in self.observed)
+        return replace(
+            self, stats={name: t.to(device) for name, t in self.stats.items()}, observed=observed
+        )
 
     def _range(self) -> tuple[Tensor, Tensor]:
         low_name, high_name = MODE_STATS[self.mode]
@@ -169,7 +187,21 @@ def feature_normalization(
                 "+inf); the checkpoint was saved without dataset stats."
             )
         needed[name] = value.reshape(shape)
-    return FeatureNormalization(mode=mode, stats=needed, eps=float(eps), legacy=legacy)
+    return FeatureNormalization(
+        mode=mode, stats=needed, eps=float(eps), legacy=legacy, observed=_observed(stats, shape)
+    )
+
+
+def _observed(stats: dict[str, Tensor], shape: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
+    """The feature's recorded ``(min, max)`` where both are present, finite and of its size."""
+    bounds = [stats.get(name) for name in ("min", "max")]
+    if any(
+        bound is None or bound.numel() != math.prod(shape) or not torch.isfinite(bound).all()
+        for bound in bounds
+    ):
+        return None
+    low, high = (bound.to(torch.float32).reshape(shape) for bound in bounds)
+    return low, high
 
 
 def group_stats(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:

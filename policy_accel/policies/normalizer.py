@@ -1,8 +1,9 @@
 """DiffusionPolicy's ``LinearNormalizer``: ``y = x * scale + offset`` per field.
 
 State-dict layout as upstream: ``params_dict.<field>.{scale, offset}`` plus
-``params_dict.<field>.input_stats.{min, max, mean, std}`` (kept for fidelity, unused at
-inference). Parameters are flat over the last dimension of the field.
+``params_dict.<field>.input_stats.{min, max, mean, std}`` (the training data's statistics: at
+inference only the observation range check reads them). Parameters are flat over the last
+dimension of the field.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ class LinearNormalizer(nn.Module):
     def normalize(self, name: str, x: Tensor) -> Tensor:
         field = self.params_dict[name]
         return self._affine(x, lambda flat: flat * field["scale"] + field["offset"], field)
+
+    def normalized_range(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The training data's per-dimension ``(low, high)`` in normalized units, from the
+        field's ``input_stats`` (None where they were never fitted: all zero)."""
+        stats = self.params_dict[name]["input_stats"]
+        low, high = stats["min"], stats["max"]
+        if not (low.any() or high.any()):
+            return None
+        with torch.no_grad():
+            low, high = self.normalize(name, low), self.normalize(name, high)
+        return torch.minimum(low, high), torch.maximum(low, high)
 
     def unnormalize(self, name: str, x: Tensor) -> Tensor:
         field = self.params_dict[name]

@@ -18,10 +18,21 @@ class ObservationError(ValueError):
     what the policy can take."""
 
 
-# Observations more than this many normalized units from zero (the training data spans about
-# [-1, 1] in DiffusionPolicy's limits normalization, a few units in mean/std) are refused: they
-# are sensor faults or unit mistakes, and values such as 1e30 overflow inside the network.
-MAX_NORMALIZED_MAGNITUDE = 1e4
+# The bound on observations. A value is refused when it lies more than OBSERVATION_RANGE_MARGIN
+# training ranges outside the range the policy was trained on (per dimension, in normalized
+# units; a range narrower than MIN_RANGE_WIDTH normalized units counts as that wide): with
+# DiffusionPolicy's limits normalization ([-1, 1] over the training data) that is [-21, 21].
+# Such values are sensor faults or unit mistakes (metres for millimetres), and the policy answers
+# them with actions at its workspace's edge (PushT keypoints of 404,032 px, 1,100 ranges out, were
+# served before this bound). The margin is wide because a policy trained on few demonstrations
+# meets states well outside them in a failing episode (a one-demonstration PushT policy saw
+# keypoints 6 of its ranges out inside the 512 px workspace), and those must still be served.
+# Where a checkpoint does not record its range (mean/std normalization), normalized magnitudes
+# above MAX_NORMALIZED_MAGNITUDE are refused.
+OBSERVATION_RANGE_MARGIN = 10.0
+MIN_RANGE_WIDTH = 2.0
+MAX_NORMALIZED_MAGNITUDE = 100.0
+OUT_OF_RANGE_MODES = ("refuse", "accept")
 IMAGE_RANGE_SLACK = 1e-3
 
 
@@ -53,12 +64,17 @@ def _as_real_array(value: Any, key: str, shape: tuple[int, ...]) -> np.ndarray:
     return value
 
 
-def check_observation_step(policy, obs: Any) -> dict[str, np.ndarray]:
+def check_observation_step(policy, obs: Any, out_of_range: str = "refuse") -> dict[str, np.ndarray]:
     """One observation step (what an env returns), validated before it enters any history:
     every key of :attr:`observation_spec` with exactly its shape, a real number type, finite,
-    images in ``[0, 1]`` and other values within ``MAX_NORMALIZED_MAGNITUDE`` normalized
-    units. Returns float32 copies of those keys (other keys are dropped); raises
+    images in ``[0, 1]`` and other values within the bound around the training range (module
+    constants; ``out_of_range="accept"`` skips that bound, :func:`out_of_range_keys` then says
+    what lies outside). Returns float32 copies of those keys (other keys are dropped); raises
     :class:`ObservationError` naming the key, what was expected and what to do."""
+    if out_of_range not in OUT_OF_RANGE_MODES:
+        raise ValueError(
+            f"out_of_range must be one of {list(OUT_OF_RANGE_MODES)}. Got {out_of_range!r}."
+        )
     spec = policy.observation_spec
     if not isinstance(obs, dict):
         if len(spec) != 1:
@@ -89,31 +105,72 @@ def check_observation_step(policy, obs: Any) -> dict[str, np.ndarray]:
             raise ObservationError(
                 f"obs[{key!r}] contains NaN or Inf (after conversion to float32)."
             )
-        _check_range(policy, key, value)
+        if key in policy.image_keys:
+            _check_image(key, value)
+        elif out_of_range == "refuse":
+            problem = _outside(policy, key, value)
+            if problem is not None:
+                raise ObservationError(
+                    f"{problem}: a sensor fault or a unit mistake? Check the observation's "
+                    "units against the policy's (a server started with out_of_range='flag' "
+                    "serves it and says so in the reply)."
+                )
         checked[key] = value
     return checked
 
 
-def _check_range(policy, key: str, value: np.ndarray) -> None:
-    if key in policy.image_keys:
-        low, high = float(value.min(initial=0.0)), float(value.max(initial=0.0))
-        if low < -IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
-            raise ObservationError(
-                f"obs[{key!r}] is an image with values in [{low:g}, {high:g}]; expected "
-                "floats in [0, 1] (divide uint8 images by 255)."
-            )
-        return
+def out_of_range_keys(policy, step: dict[str, np.ndarray]) -> dict[str, str]:
+    """The keys of a checked observation step outside the bound around the training range,
+    each with what lies where (empty when all are within)."""
+    found = {}
+    for key, value in step.items():
+        if key not in policy.image_keys:
+            problem = _outside(policy, key, value)
+            if problem is not None:
+                found[key] = problem
+    return found
+
+
+def _check_image(key: str, value: np.ndarray) -> None:
+    low, high = float(value.min(initial=0.0)), float(value.max(initial=0.0))
+    if low < -IMAGE_RANGE_SLACK or high > 1 + IMAGE_RANGE_SLACK:
+        raise ObservationError(
+            f"obs[{key!r}] is an image with values in [{low:g}, {high:g}]; expected "
+            "floats in [0, 1] (divide uint8 images by 255)."
+        )
+
+
+def _outside(policy, key: str, value: np.ndarray) -> str | None:
+    """What of ``value`` lies outside the bound around ``key``'s training range, or None."""
     with torch.no_grad():
         normalized = policy.normalize_input(key, torch.from_numpy(value).to(policy.device))
-    if normalized is None:
-        return
-    magnitude = float(normalized.abs().max()) if normalized.numel() else 0.0
-    if not magnitude <= MAX_NORMALIZED_MAGNITUDE:
-        raise ObservationError(
-            f"obs[{key!r}] is {magnitude:.3g} normalized units from the training data's "
-            f"range (at most {MAX_NORMALIZED_MAGNITUDE:g} accepted): a sensor fault or a "
-            "unit mistake? Check the observation's units against the policy's."
-        )
+        if normalized is None or not normalized.numel():
+            return None
+        known = policy.observation_range(key)
+        if known is None:
+            magnitude = float(normalized.abs().max())
+            if magnitude <= MAX_NORMALIZED_MAGNITUDE:
+                return None
+            return (
+                f"obs[{key!r}] reaches {magnitude:.3g} normalized units (at most "
+                f"{MAX_NORMALIZED_MAGNITUDE:g} accepted; this checkpoint records no training range)"
+            )
+        low, high = (bound.to(normalized.device).expand_as(normalized) for bound in known)
+        margin = OBSERVATION_RANGE_MARGIN * (high - low).clamp(min=MIN_RANGE_WIDTH)
+        excess = torch.maximum(low - margin - normalized, normalized - high - margin)
+        if not bool((excess > 0).any()):
+            return None
+        flat = int(excess.argmax())
+        index = np.unravel_index(flat, tuple(normalized.shape))
+        scale = (normalized.reshape(-1)[flat] - low.reshape(-1)[flat]) / (
+            high.reshape(-1)[flat] - low.reshape(-1)[flat]
+        ).clamp(min=1e-12)
+    where = f"[{', '.join(map(str, index))}]" if normalized.dim() else ""
+    return (
+        f"obs[{key!r}]{where} = {float(value[index]):.6g} lies at {float(scale):.3g} of the "
+        f"range this policy was trained on (0 and 1 are the range's ends; "
+        f"{-OBSERVATION_RANGE_MARGIN:g} to {1 + OBSERVATION_RANGE_MARGIN:g} accepted)"
+    )
 
 
 def observation_tensor(policy, obs: dict, key: str, shape: tuple[int, ...]) -> Tensor:

@@ -209,7 +209,7 @@ def test_a_refused_observation_changes_nothing(tiny_pusht_policy, env):
     poisoned = Controller(tiny_pusht_policy, method="picard", seed=9)
     bad = [
         (np.full(20, np.nan), "NaN or Inf"),
-        (np.full(20, 1e30), "normalized units"),
+        (np.full(20, 1e30), "range this policy was trained on"),
         (steps[0][:19], r"shape \(19,\), expected \(20,\)"),
         ({"state": steps[0]}, r"missing key\(s\) \['obs'\]"),
         (np.array(["a"] * 20), "real number array"),

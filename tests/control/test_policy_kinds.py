@@ -265,3 +265,44 @@ def test_soft_transitions_for_every_kind(kind_policy, tmp_path):
     assert stats.steps == 3 * n and all(r.committed == 1 for r in stats.records[1:]), kind
     assert out["expected"].problem.guide is not None
     np.testing.assert_array_equal(out["reply"]["actions"], out["expected"].chunk)
+
+
+def test_far_out_of_range_observations_are_refused_for_every_kind(kind_policy):
+    """A value a thousand training ranges out (a unit mistake) is refused by the Controller, the
+    BatchController and the server's check, naming the key and the bound; within the bound
+    around the training range it is served, and ``out_of_range="accept"`` serves it anyway."""
+    from policy_accel.control.server import RequestError, check_request
+    from policy_accel.policies import ObservationError, observations
+    from tests.policy_kinds import _affine
+
+    kind, policy = kind_policy
+    step = steps_of(policy, seed=3, count=1)[0]
+    key = next(k for k in policy.observation_spec if k not in policy.image_keys)
+    scale, offset = _affine(policy, key, policy.observation_spec[key])
+
+    def at(normalized: float) -> dict:
+        value = step[key].copy()
+        value.flat[0] = (normalized - offset.flat[0]) / scale.flat[0]
+        return {**step, key: value}
+
+    known = policy.observation_range(key)
+    if known is None:  # no training range recorded (the image kind's random normalizer)
+        bound = observations.MAX_NORMALIZED_MAGNITUDE
+        far, near = at(1000 * bound), at(bound / 2)
+        message = rf"obs\[{key!r}\] reaches .* normalized units"
+    else:
+        low, high = (float(bound.reshape(-1)[0]) for bound in known)
+        width = high - low
+        far, near = at(high + 1000 * width), at(high + 2 * width)  # 2 ranges out: served
+        message = rf"obs\[{key!r}\]\[0\] = .* of the range this policy was trained on"
+    controller = Controller(policy, EXACT, seed=1)
+    with pytest.raises(ObservationError, match=message):
+        controller.step(far)
+    assert controller.step(near).plan is not None
+    batch = BatchController(policy, [0], EXACT)
+    with pytest.raises(ObservationError, match=message):
+        batch.start_rows({k: v[None] for k, v in far.items()}, np.array([True]))
+    with pytest.raises(RequestError, match=message):
+        check_request(far, policy)
+    accepting = Controller(policy, EXACT, seed=1, out_of_range="accept")
+    assert np.all(np.isfinite(accepting.step(far).action))
