@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -103,6 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
     from policy_accel.control.server import serve
 
     _set_threads(args.threads)
+    # the server's warnings (stopped by a signal, failed accepts, load) with their time
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     # connection threads answer pings, /healthz and new clients while plans run in worker
     # threads: a 1 ms GIL switch interval (default 5 ms) keeps them responsive under load
     sys.setswitchinterval(0.001)
@@ -130,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    serve(
+    signum = serve(
         args.checkpoint,
         sampler,
         host=args.host,
@@ -140,9 +143,13 @@ def _serve(args: argparse.Namespace) -> int:
         max_workers=args.workers,
         max_connections=args.max_connections,
         api_key=args.api_key or os.environ.get("POLICY_ACCEL_API_KEY") or None,
+        max_keyless_connections=args.max_keyless_connections,
+        idle_timeout_s=args.idle_timeout or None,
+        max_pending=args.max_pending,
+        out_of_range=args.out_of_range,
         on_start=announce,
     )
-    return 0
+    return 128 + signum  # the shell's code for a process a signal stopped
 
 
 def _set_threads(threads: int) -> None:
@@ -387,6 +394,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--max-connections", type=int, default=32, help="clients connected at once (more: 503)"
+    )
+    serve.add_argument(
+        "--max-keyless-connections",
+        type=int,
+        default=0,
+        help="with --api-key: slots open to clients without the key (the rest are reserved)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="close a connection after this many seconds without a request (0: never)",
+    )
+    serve.add_argument(
+        "--max-pending",
+        type=int,
+        default=64,
+        help="connections waiting for their handshake at once (more: the oldest is closed)",
+    )
+    serve.add_argument(
+        "--out-of-range",
+        choices=("refuse", "flag"),
+        default="refuse",
+        help="observations far outside the training range: refuse, or serve and flag in reply",
     )
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--method", default=None, help="solver (default: chord or the sampler's)")

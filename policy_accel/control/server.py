@@ -16,8 +16,10 @@ Protocol (that of openpi's ``WebsocketPolicyServer``, so ``openpi_client``'s
    for a worker thread), ``prev_total_ms`` the previous inference's receive-to-sent time (absent on
    a connection's first, as in openpi), ``policy_timing.infer_ms`` the Controller's own latency.
 3. A refused request (malformed msgpack, not a map, a missing or unexpected key, a wrong shape or
-   dtype, NaN/Inf, values far outside the policy's range, a text frame, a decode that runs past
-   ``request_timeout_s``) is answered with a TEXT frame naming the problem (at most
+   dtype, NaN/Inf, values outside the bound around the policy's training range (see
+   :mod:`~policy_accel.policies.observations`; with ``out_of_range="flag"`` such a request is
+   served and the reply carries ``"out_of_range": {key: what}``), a timing key the last reply
+   cannot honour, a text frame, a decode that runs past ``request_timeout_s``) is answered with a TEXT frame naming the problem (at most
    ``messages.MESSAGE_LIMIT`` characters) and changes nothing: the connection stays open and its
    Controller is untouched. A plan that fails after the request was accepted is also answered
    with a text frame and also leaves the Controller as it was. openpi's client raises
@@ -27,9 +29,13 @@ Timing keys (optional, for real-time clients): ``"__executed__": k``, the action
 reply executed before this observation's step (the warm start's shift; default: as a lockstep
 client, none counted), and ``"__committed__": c``, the further actions of the last reply the
 robot executes while this request is planned: they are inpainted into the new chunk, which then
-continues them (real-time chunking; the reply's ``policy_timing.committed`` says how many);
-with ``"__overlap__": True`` the rest of the last reply after those is followed softly too
-(RTC's decaying prefix schedule, ``soft_inpaint``).
+continues them (real-time chunking); with ``"__overlap__": True`` the rest of the last plan
+after those is followed softly too (RTC's decaying prefix schedule, ``soft_inpaint``). The
+reply's ``policy_timing`` says what was done (``executed``, ``committed``, ``overlap``). The keys
+count actions of this episode's last reply, so they are refused, naming the counts and the
+limit, where they cannot be honoured: ``executed + committed`` beyond the actions that reply
+held, on an ``__observe__`` or reset-only request (which plan nothing), and on the first request
+of a connection or an episode (no reply to count against).
 
 History. The server keeps the ``n_obs_steps`` history from the observations it receives, so a
 client that executes several actions between plans should send the steps in between with
@@ -57,16 +63,27 @@ Only its own connection's thread touches a Controller, one request at a time.
 
 Limits. The transport refuses a frame over ``max_message_bytes`` (close code 1009, "message too
 big") and queues at most ``MAX_QUEUED_FRAMES`` frames per connection; at most ``max_connections``
-clients are connected at once (others get HTTP 503), so the server's memory is bounded by about
-``max_connections * (MAX_QUEUED_FRAMES + 1) * max_message_bytes`` plus the policy.
+clients are connected at once (others get HTTP 503; the slot is counted and checked under one
+lock), so the server's memory is bounded by about ``max_connections * (MAX_QUEUED_FRAMES + 1) *
+max_message_bytes`` plus the policy. Before its handshake a connection holds a thread and
+descriptors: at most ``max_pending`` wait at once (fewer where the open-file limit, raised to
+its hard limit at start, has no room for them), and one more closes the one that has waited
+longest, so a flood of silent connections neither exhausts descriptors nor keeps a robot out
+(:mod:`~policy_accel.control.admission`). A failed ``accept()`` pauses and serves on. A
+connection that sends no request for ``idle_timeout_s`` is closed (code 1000, the reason says
+why), so idle clients do not hold slots for good.
 
 Access. The server listens on 127.0.0.1 by default. With ``api_key`` set, a client must send the
 header ``Authorization: Api-Key <key>`` (what ``openpi_client``'s ``api_key`` sends) or gets
-HTTP 401; ``/healthz`` stays open. Listening beyond loopback without a key logs a warning.
+HTTP 401 (two ``Authorization`` headers: HTTP 400); ``/healthz`` stays open.
+``max_keyless_connections`` lets that many clients in without the key and reserves the other
+slots for clients with it. Listening beyond loopback without a key logs a warning.
 
 Shutdown. SIGINT/SIGTERM (or :meth:`PolicyServer.stop`) closes the connections and returns within
-about a second; a plan still running then is abandoned (the workers are daemon threads). A client
-that does not complete its opening handshake within ``OPEN_TIMEOUT_S`` is dropped.
+about a second; a plan still running then is abandoned (the workers are daemon threads).
+:meth:`PolicyServer.serve_forever` logs the signal and returns its number (``policy-accel serve``
+exits with 128 + it); it never returns otherwise. A client that does not complete its opening
+handshake within ``OPEN_TIMEOUT_S`` is dropped.
 """
 
 from __future__ import annotations
@@ -91,6 +108,14 @@ from websockets.sync.server import ServerConnection
 from websockets.sync.server import serve as websocket_serve
 
 from policy_accel.control import wire
+from policy_accel.control.admission import (
+    DEFAULT_MAX_PENDING,
+    Admission,
+    AdmittedConnection,
+    accept_forever,
+    pending_within,
+    raise_open_file_limit,
+)
 from policy_accel.control.config import SamplerConfig
 from policy_accel.control.controller import Controller
 from policy_accel.control.memory import BIG_REQUEST_BYTES, limit_heap_arenas, release_freed_memory
@@ -98,6 +123,7 @@ from policy_accel.control.workers import WorkerPool, forget_frames
 from policy_accel.messages import bounded, preview
 from policy_accel.policies.base import ObservationError, Policy, describe_spec
 from policy_accel.policies.loading import load_policy
+from policy_accel.policies.observations import out_of_range_keys
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +140,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 5.0
 MAX_QUEUED_FRAMES = 1
 SHUTDOWN_GRACE_S = 0.5
 OPEN_TIMEOUT_S = 5.0  # a client that does not finish its handshake in time is dropped
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+OUT_OF_RANGE_CHOICES = ("refuse", "flag")
 
 __all__ = [
     "DEFAULT_HOST",
@@ -130,10 +158,13 @@ class RequestError(ValueError):
     """A request the server refuses; its text goes back to the client as a text frame."""
 
 
-def check_request(payload: dict, policy: Policy) -> dict[str, np.ndarray]:
+def check_request(
+    payload: dict, policy: Policy, out_of_range: str = "refuse"
+) -> dict[str, np.ndarray]:
     """One observation step validated against the policy (exactly its keys, each a numpy array
-    of the per-step shape, finite and in range), as float32 copies; raises
-    :class:`RequestError` naming the key, what was expected and why."""
+    of the per-step shape, finite, and within the bound around the training range unless
+    ``out_of_range="flag"``), as float32 copies; raises :class:`RequestError` naming the key,
+    what was expected and why."""
     spec = policy.observation_spec
     payload = policy.rename_observation(payload)
     missing = [key for key in spec if key not in payload]
@@ -155,7 +186,9 @@ def check_request(payload: dict, policy: Policy) -> dict[str, np.ndarray]:
                 f"shape {tuple(shape)} (one step), sent as a msgpack-numpy array."
             )
     try:
-        return policy.check_observation_step(payload)
+        return policy.check_observation_step(
+            payload, out_of_range="accept" if out_of_range == "flag" else "refuse"
+        )
     except ObservationError as error:
         raise RequestError(str(error)) from error
 
@@ -175,9 +208,21 @@ class PolicyServer:
             connection with code 1009).
         max_workers: threads that run plans; concurrent connections plan in parallel up to this.
         decode_workers: threads that decode and validate requests.
-        max_connections: clients connected at once; more get HTTP 503.
+        max_connections: clients connected at once; more get HTTP 503 (checked and counted
+            atomically).
         request_timeout_s: a request not decoded and validated within this time gets an error.
         api_key: when set, clients must send ``Authorization: Api-Key <key>``.
+        max_keyless_connections: with ``api_key`` set, up to this many clients without the key
+            are served too, and the other ``max_connections`` slots are reserved for clients
+            with the key (default 0: every client needs the key).
+        idle_timeout_s: a connection that sends no request for this long is closed (pings do
+            not count; a plan in progress does not count as idle); None: never.
+        max_pending: connections that may wait for their opening handshake at once (each
+            holds a thread and descriptors before any header is read); one more closes the
+            one that has waited longest.
+        out_of_range: an observation outside the bound around the policy's training range
+            (:mod:`~policy_accel.policies.observations`) is refused (``"refuse"``, the
+            default) or served with ``"out_of_range": {key: what}`` in the reply (``"flag"``).
     """
 
     def __init__(
@@ -195,6 +240,10 @@ class PolicyServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         api_key: str | None = None,
+        max_keyless_connections: int = 0,
+        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        out_of_range: str = "refuse",
         **settings: Any,
     ) -> None:
         for name, value in (
@@ -202,13 +251,34 @@ class PolicyServer:
             ("max_workers", max_workers),
             ("decode_workers", decode_workers),
             ("max_connections", max_connections),
+            ("max_pending", max_pending),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
         if not request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s!r}.")
+        if idle_timeout_s is not None and not idle_timeout_s > 0:
+            raise ValueError(
+                f"idle_timeout_s must be positive or None (never), got {idle_timeout_s!r}."
+            )
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None.")
+        if not isinstance(max_keyless_connections, int) or not (
+            0 <= max_keyless_connections <= max_connections
+        ):
+            raise ValueError(
+                f"max_keyless_connections must be an int from 0 to max_connections="
+                f"{max_connections}, got {max_keyless_connections!r}."
+            )
+        if max_keyless_connections and api_key is None:
+            raise ValueError(
+                "max_keyless_connections reserves slots for clients with the API key: set "
+                "api_key too (without a key every client is keyless)."
+            )
+        if out_of_range not in OUT_OF_RANGE_CHOICES:
+            raise ValueError(
+                f"out_of_range must be one of {list(OUT_OF_RANGE_CHOICES)}, got {out_of_range!r}."
+            )
         self.sampler = SamplerConfig.from_settings(sampler, **settings)  # invalid: fails now
         self.policy = policy
         self.host = host
@@ -218,7 +288,11 @@ class PolicyServer:
         self.decode_workers = int(decode_workers)
         self.max_connections = int(max_connections)
         self.request_timeout_s = float(request_timeout_s)
+        self.idle_timeout_s = None if idle_timeout_s is None else float(idle_timeout_s)
+        self.max_pending = int(max_pending)
+        self.out_of_range = out_of_range
         self._api_key = api_key
+        self.max_keyless_connections = max_keyless_connections if api_key is not None else None
         self.n_action_steps, self.seed = n_action_steps, seed
         controller = self.new_controller()  # invalid settings fail here, before serving
         self.metadata: dict[str, Any] = {
@@ -244,6 +318,8 @@ class PolicyServer:
             "overlap_key": OVERLAP_KEY,
             "observe_key": OBSERVE_KEY,
             "max_message_bytes": self.max_message_bytes,
+            "idle_timeout_s": self.idle_timeout_s,
+            "out_of_range": self.out_of_range,
         }
         self._metadata_frame = wire.pack(self.metadata)
         self._server = None
@@ -251,19 +327,39 @@ class PolicyServer:
         self._plans: WorkerPool | None = None
         self._decoders: WorkerPool | None = None
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._connections = 0
+        self.admission = self._new_admission()
+        self.stopped_by: int | None = None  # the signal that stopped serve_forever
 
     def new_controller(self) -> Controller:
         """A fresh Controller with the server's settings (what each connection gets)."""
         return Controller(
-            self.policy, self.sampler, n_action_steps=self.n_action_steps, seed=self.seed
+            self.policy,
+            self.sampler,
+            n_action_steps=self.n_action_steps,
+            seed=self.seed,
+            out_of_range="accept" if self.out_of_range == "flag" else "refuse",
         )
+
+    def _new_admission(self, file_limit: int = 0) -> Admission:
+        """Admission for a server about to listen; ``file_limit`` (the open-file limit, 0:
+        unknown) bounds the pending handshakes so that descriptors never run out."""
+        pending = pending_within(file_limit, self.max_connections, self.max_pending)
+        if pending < self.max_pending:
+            logger.warning(
+                "the open-file limit of %d descriptors leaves room for %d pending handshakes "
+                "beside %d connections (max_pending=%d asked): raise the limit (ulimit -n) or "
+                "lower max_connections",
+                file_limit,
+                pending,
+                self.max_connections,
+                self.max_pending,
+            )
+        return Admission(self.max_connections, pending, self.max_keyless_connections)
 
     @property
     def connections(self) -> int:
         """Clients connected now."""
-        return self._connections
+        return self.admission.connections
 
     # -- running -------------------------------------------------------------------------------
     def run(self, on_start: Callable[[int], None] | None = None) -> None:
@@ -276,6 +372,7 @@ class PolicyServer:
                 self.host,
             )
         self._stopping.clear()
+        self.admission = self._new_admission(raise_open_file_limit())
         # The objects alive now (the policy, torch's modules: ~350,000) never become garbage;
         # frozen, the collector skips them. Unfrozen, each full collection held the GIL for
         # ~240 ms on this CPU: a stall of every connection, /healthz and every plan at once.
@@ -289,6 +386,7 @@ class PolicyServer:
                 self._handle,
                 self.host,
                 self.port,
+                create_connection=self._connection,
                 process_request=self._admit,
                 max_size=self.max_message_bytes,
                 max_queue=MAX_QUEUED_FRAMES,
@@ -307,26 +405,38 @@ class PolicyServer:
                 )
                 if on_start is not None:
                     on_start(self.port)
-                if self._stopping.is_set():  # stop() came before the server listened
-                    return
-                server.serve_forever()  # until shutdown() from stop()
+                # until shutdown() from stop(), at once if stop() came already: the loop marks
+                # the socket closed, which websockets' shutdown() waits for
+                accept_forever(server, self._stopping, self.admission)
         finally:
             self._server = None
             self._plans.shutdown(SHUTDOWN_GRACE_S)
             self._decoders.shutdown(SHUTDOWN_GRACE_S)
 
-    def serve_forever(self, on_start: Callable[[int], None] | None = None) -> None:
-        """Block serving until SIGINT/SIGTERM (the command-line entry point; main thread)."""
+    def serve_forever(self, on_start: Callable[[int], None] | None = None) -> int:
+        """Block serving until SIGINT/SIGTERM (the command-line entry point; main thread);
+        returns the signal's number, logged. Serving never ends otherwise: a failed accept
+        pauses and serves on, and an error that stops the server is raised."""
 
         def on_signal(signum, frame) -> None:
+            self.stopped_by = signum
             threading.Thread(target=self._shutdown, name="policy-server-stop").start()
 
+        self.stopped_by = None
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.run(on_start)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self.stopped_by is None:
+            raise RuntimeError("the policy server stopped serving without a signal.")
+        logger.warning("stopped by %s", signal.Signals(self.stopped_by).name)
+        return self.stopped_by
+
+    def _connection(self, *args: Any, **kwargs: Any) -> AdmittedConnection:
+        """websockets' connection factory: connections report their handshake to admission."""
+        return AdmittedConnection(*args, admission=self.admission, **kwargs)
 
     def start_in_thread(self, timeout: float = 30.0) -> int:
         """Serve from a daemon thread (tests, notebooks); returns the bound port."""
@@ -378,22 +488,33 @@ class PolicyServer:
 
     # -- admission -----------------------------------------------------------------------------
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """``GET /healthz`` -> 200; then the API key (401) and the connection cap (503); None
-        lets the websocket handshake go on."""
+        """``GET /healthz`` -> 200; then the API key (401) and a connection slot (503); None
+        lets the websocket handshake go on, holding the slot."""
         if request.path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
+        keyed = False
         if self._api_key is not None:
-            sent = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Api-Key {self._api_key}".encode()):
+            sent = request.headers.get_all("Authorization")
+            if len(sent) > 1:
+                return connection.respond(
+                    http.HTTPStatus.BAD_REQUEST,
+                    f"got {len(sent)} Authorization headers; send exactly one: "
+                    "'Authorization: Api-Key <key>'.\n",
+                )
+            expected = f"Api-Key {self._api_key}".encode()
+            keyed = hmac.compare_digest(
+                (sent[0] if sent else "").encode("utf-8", "surrogateescape"), expected
+            )
+            if not keyed and not self.max_keyless_connections:
                 return connection.respond(
                     http.HTTPStatus.UNAUTHORIZED,
                     "this server needs an API key: send the header 'Authorization: Api-Key "
                     "<key>' (openpi_client: WebsocketClientPolicy(..., api_key=...)).\n",
                 )
-        if self._connections >= self.max_connections:
+        refused = self.admission.take_slot(connection, keyed)
+        if refused is not None:
             return connection.respond(
-                http.HTTPStatus.SERVICE_UNAVAILABLE,
-                f"the server is at its limit of {self.max_connections} connections; retry later.\n",
+                http.HTTPStatus.SERVICE_UNAVAILABLE, f"{refused}; retry later.\n"
             )
         return None
 
@@ -401,14 +522,20 @@ class PolicyServer:
     def _handle(self, connection: ServerConnection) -> None:
         """One connection, in its own thread: lockstep requests and replies."""
         peer = connection.remote_address
-        with self._lock:
-            self._connections += 1
         logger.info("connection from %s opened", peer)
         controller = self.new_controller()
         prev_total_ms: float | None = None
         try:
             connection.send(self._metadata_frame)
-            for message in connection:
+            while True:
+                try:
+                    message = connection.recv(timeout=self.idle_timeout_s)
+                except TimeoutError:
+                    logger.info("closing %s: no request for %g s", peer, self.idle_timeout_s)
+                    connection.close(
+                        1000, f"no request for {self.idle_timeout_s:g} s (idle_timeout_s)"
+                    )
+                    return
                 received = time.perf_counter()
                 big = len(message) >= BIG_REQUEST_BYTES
                 try:
@@ -439,8 +566,8 @@ class PolicyServer:
         except ConnectionClosed:
             pass  # the client left, possibly mid-request: nothing to answer
         finally:
-            with self._lock:
-                self._connections -= 1
+            self.admission.release(connection)
+            controller.close()
             logger.info("connection from %s closed", peer)
             if not self._stopping.is_set():
                 release_freed_memory()  # the working memory of this connection's plans
@@ -510,7 +637,7 @@ class PolicyServer:
                 f"empty request; send {describe_spec(self.policy.observation_spec)} or "
                 f"{{{RESET_KEY!r}: True}}."
             )
-        return reset, check_request(payload, self.policy), timing
+        return reset, check_request(payload, self.policy, self.out_of_range), timing
 
     def _respond(
         self, controller: Controller, message: bytes | str, prev_total_ms: float | None
@@ -529,7 +656,8 @@ class PolicyServer:
             self._plans.submit(_step, controller, reset, observation, timing)
         )
         if chunk is None:
-            return {"observed": True} if timing.get(OBSERVE_KEY) else {"reset": True}
+            reply = {"observed": True} if timing.get(OBSERVE_KEY) else {}
+            return self._annotate(reply, reset, observation)
         server_timing = {"infer_ms": (time.perf_counter() - start) * 1e3}
         if prev_total_ms is not None:
             server_timing["prev_total_ms"] = prev_total_ms
@@ -545,10 +673,21 @@ class PolicyServer:
                 "deadline_hit": record.deadline_hit,
                 "fallback": record.fallback,
                 "committed": record.committed,
+                "executed": record.shift,
+                "overlap": bool(timing.get(OVERLAP_KEY)),
             },
         }
+        return self._annotate(reply, reset, observation)
+
+    def _annotate(self, reply: dict, reset: bool, observation: dict | None) -> dict:
+        """What else the request did: ``reset``, and with ``out_of_range="flag"`` the keys of
+        its observation outside the bound around the training range."""
         if reset:
             reply["reset"] = True
+        if self.out_of_range == "flag" and observation is not None:
+            outside = out_of_range_keys(self.policy, observation)
+            if outside:
+                reply["out_of_range"] = outside
         return reply
 
 
@@ -564,27 +703,67 @@ def _step(
 ):
     """A worker thread's job: reset and/or plan; ``(None, None)`` when there was nothing to
     plan, else the chunk and its record. ``timing``: the request's executed and committed
-    counts (the warm start's shift; the last reply's actions to inpaint)."""
+    counts (the warm start's shift; the last reply's actions to inpaint) and whether to follow
+    the rest of the last reply softly, checked against the last reply first (a
+    :class:`RequestError` changes nothing)."""
+    timing = timing or {}
+    committed, overlap = _timing_windows(controller, reset, observation, timing)
     if reset:
         controller.reset()
     if observation is None:
         return None, None
-    timing = timing or {}
     if timing.get(OBSERVE_KEY):
         controller.observe(observation)  # a step between plans: the history stays consecutive
         return None, None
-    executed, count = timing.get(EXECUTED_KEY), timing.get(COMMITTED_KEY)
-    last = controller.last_plan
-    committed = overlap = None
-    if last is not None and not reset:
-        start, count = executed or 0, count or 0
-        committed = last.future[0, start : start + count] if count else None
-        committed = committed if committed is not None and len(committed) else None
-        if timing.get(OVERLAP_KEY) and (committed is None or len(committed) == count):
-            overlap = last.future[0, start + count :]
-            overlap = overlap if len(overlap) else None
-    plan = controller.plan(observation, executed=executed, committed=committed, overlap=overlap)
+    plan = controller.plan(
+        observation, executed=timing.get(EXECUTED_KEY), committed=committed, overlap=overlap
+    )
     return plan.chunk, plan.record
+
+
+def _timing_windows(
+    controller: Controller, reset: bool, observation: dict | None, timing: dict
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The committed and overlap actions the request's timing keys name in the connection's
+    last reply, or a :class:`RequestError` when the keys do not apply to this request or ask
+    for more actions than the last reply held."""
+    executed, count = timing.get(EXECUTED_KEY), timing.get(COMMITTED_KEY)
+    sent = [key for key in (EXECUTED_KEY, COMMITTED_KEY) if timing.get(key) is not None]
+    sent += [OVERLAP_KEY] if timing.get(OVERLAP_KEY) else []
+    if not sent:
+        return None, None
+    named = " and ".join(repr(key) for key in sent)
+    if observation is None or timing.get(OBSERVE_KEY):
+        what = f"an {OBSERVE_KEY!r} step" if observation is not None else "a reset alone"
+        raise RequestError(
+            f"{named} count actions of the last reply for a planning request; this request is "
+            f"{what}, which plans nothing: send them with the next planning request."
+        )
+    last = controller.last_plan
+    if reset or last is None:
+        raise RequestError(
+            f"{named} count actions of this episode's last reply, and there is none yet (the "
+            "connection's first request, a reset, or the first request after one): send them "
+            "only after a reply with actions."
+        )
+    start, count = executed or 0, count or 0
+    actions = len(last.chunk)
+    if start + count > actions:
+        raise RequestError(
+            f"{EXECUTED_KEY!r}={start} + {COMMITTED_KEY!r}={count} = {start + count} actions, "
+            f"but the last reply held {actions}: the robot cannot have executed more than it "
+            "received. Count only actions of the last reply."
+        )
+    committed = last.future[0, start : start + count] if count else None
+    overlap = None
+    if timing.get(OVERLAP_KEY):
+        overlap = last.future[0, start + count :]
+        if not len(overlap):
+            raise RequestError(
+                f"{OVERLAP_KEY!r}: nothing of the last plan is left to follow after "
+                f"{start + count} executed and committed actions."
+            )
+    return committed, overlap
 
 
 def _count(value, key: str) -> int | None:
@@ -617,13 +796,15 @@ def serve(
     device: str = "cpu",
     on_start: Callable[[int], None] | None = None,
     **options: Any,
-) -> None:
+) -> int:
     """Load a checkpoint (any format :func:`~policy_accel.load_policy` reads) or take a loaded
-    policy and serve it with ``sampler`` until SIGINT/SIGTERM. ``options`` go to
-    :class:`PolicyServer` (``n_action_steps``, ``seed``, ``max_message_bytes``, ``max_workers``,
-    ``max_connections``, ``api_key``, sampler shortcuts)."""
+    policy and serve it with ``sampler`` until SIGINT/SIGTERM; returns the signal's number.
+    ``options`` go to :class:`PolicyServer` (``n_action_steps``, ``seed``,
+    ``max_message_bytes``, ``max_workers``, ``max_connections``, ``api_key``,
+    ``idle_timeout_s``, ``out_of_range``, sampler shortcuts)."""
     if isinstance(checkpoint_or_policy, Policy):
         policy = checkpoint_or_policy
     else:
         policy = load_policy(checkpoint_or_policy, device=device)
-    PolicyServer(policy, sampler, host=host, port=port, **options).serve_forever(on_start)
+    server = PolicyServer(policy, sampler, host=host, port=port, **options)
+    return server.serve_forever(on_start)

@@ -199,7 +199,7 @@ def test_refusals_name_the_problem_and_the_expected_shape(picard_server):
             ({"state": good}, r"missing key\(s\) \['obs'\] and unexpected key\(s\) \['state'\]"),
             ({"obs": np.full(20, np.nan, np.float32)}, "NaN or Inf"),
             ({"obs": np.array(["a"] * 20)}, "expected a real number array"),
-            ({"obs": np.full(20, 1e30, np.float32)}, "normalized units"),
+            ({"obs": np.full(20, 1e30, np.float32)}, "range this policy was trained on"),
         ]
         for request, message in cases:
             with pytest.raises(ServerError, match=message):
@@ -267,11 +267,11 @@ def test_server_refuses_unknown_solver_options(tiny_pusht_policy):
 def test_serve_command_builds_one_sampler_config(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(
-        server_module, "serve", lambda *args, **kwargs: calls.append((args, kwargs))
+        server_module, "serve", lambda *args, **kwargs: calls.append((args, kwargs)) or 15
     )
     argv = ["serve", "ckpt", "--port", "0", "--method", "taa", "--no-warm-start"]
     argv += ["--budget-ms", "20", "--tolerance", "1e-3", "--max-message-mb", "1"]
-    assert cli.main(argv) == 0
+    assert cli.main(argv) == 128 + 15  # stopped by SIGTERM: the shell's code for it
     ((args, kwargs),) = calls
     checkpoint, sampler = args
     assert checkpoint == "ckpt" and kwargs["port"] == 0 and kwargs["host"] == "127.0.0.1"
@@ -280,7 +280,7 @@ def test_serve_command_builds_one_sampler_config(monkeypatch, tmp_path):
     assert kwargs["max_message_bytes"] == 1024 * 1024
     # a sampler config with the flags on top: DDIM-10 run by picard
     calls.clear()
-    assert cli.main(["serve", "ckpt", "--sampler", "ddim10", "--method", "picard"]) == 0
+    assert cli.main(["serve", "ckpt", "--sampler", "ddim10", "--method", "picard"]) == 143
     sampler = calls[0][0][1]
     assert (sampler.scheduler, sampler.num_inference_steps, sampler.method) == (
         "ddim",
@@ -552,3 +552,67 @@ def test_steps_sent_between_plans_keep_the_history_consecutive(tiny_pusht_policy
     np.testing.assert_array_equal(first["actions"], plans[0].chunk)
     np.testing.assert_array_equal(second["actions"], plans[1].chunk)
     assert plans[1].record.shift == 8 and second["policy_timing"]["warm"]
+
+
+def test_timing_keys_the_last_reply_cannot_honour_are_refused(tiny_pusht_policy, picard_server):
+    """``__executed__`` + ``__committed__`` count actions of the last reply: more than it held,
+    keys on a request that plans nothing, and keys with no reply before them are refused with
+    the counts and the limit, and change nothing."""
+    from policy_accel.control.wire import COMMITTED_KEY, EXECUTED_KEY, OBSERVE_KEY, OVERLAP_KEY
+
+    first_obs, second_obs, third_obs = observations(11, 3)
+    local = Controller(tiny_pusht_policy, **PICARD)
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        for keys in ({EXECUTED_KEY: 0}, {COMMITTED_KEY: 2}, {OVERLAP_KEY: True}):
+            with pytest.raises(ServerError, match="there is none yet"):
+                client.infer({"obs": first_obs, **keys})  # the connection's first request
+        first = client.infer({"obs": first_obs})
+        np.testing.assert_array_equal(first["actions"], local.plan(first_obs).chunk)
+        cases = [
+            ({EXECUTED_KEY: 6, COMMITTED_KEY: 4}, r"'__executed__'=6 \+ '__committed__'=4 = 10"
+             " actions, but the last reply held 8"),
+            ({EXECUTED_KEY: 14, COMMITTED_KEY: 4}, "= 18 actions, but the last reply held 8"),
+            ({COMMITTED_KEY: 4096}, "= 4096 actions, but the last reply held 8"),
+            ({EXECUTED_KEY: 9}, "= 9 actions, but the last reply held 8"),
+            ({OBSERVE_KEY: True, COMMITTED_KEY: 2}, "this request is an '__observe__' step"),
+            ({RESET_KEY: True, EXECUTED_KEY: 2}, "there is none yet"),
+        ]  # fmt: skip
+        for keys, message in cases:
+            with pytest.raises(ServerError, match=message):
+                client.infer({"obs": second_obs, **keys})
+        with pytest.raises(ServerError, match="a reset alone, which plans nothing"):
+            client.infer({RESET_KEY: True, COMMITTED_KEY: 1})
+        # nothing of that changed the episode: the next request plans as if none came
+        reply = client.infer({"obs": second_obs, EXECUTED_KEY: 5, COMMITTED_KEY: 3})
+        expected = local.plan(second_obs, executed=5, committed=local.last_plan.future[0, 5:8])
+        np.testing.assert_array_equal(reply["actions"], expected.chunk)
+        timing = reply["policy_timing"]
+        assert (timing["executed"], timing["committed"], timing["overlap"]) == (5, 3, False)
+        followed = client.infer({"obs": third_obs, EXECUTED_KEY: 2, OVERLAP_KEY: True})
+        assert followed["policy_timing"]["overlap"] is True
+        # reset + observe: the reply says it reset
+        assert client.infer({"obs": third_obs, RESET_KEY: True, OBSERVE_KEY: True}) == {
+            "observed": True,
+            "reset": True,
+        }
+
+
+def test_far_out_of_range_observations_are_refused_or_flagged(tiny_pusht_policy, picard_server):
+    """PushT keypoints of 404,032 px were served with actions at the workspace's edge: refused
+    by default (naming key, value and bound), served with a flag where the server opted in."""
+    obs = observations(12, 1)[0]
+    far = obs.copy()
+    far[3] = 404_032.0
+    with PolicyClient("127.0.0.1", picard_server.port) as client:
+        with pytest.raises(ServerError, match=r"obs\['obs'\]\[3\] = 404032 lies at .* -10 to 11"):
+            client.infer({"obs": far})
+        assert "out_of_range" not in client.infer({"obs": obs})
+    with PolicyServer(tiny_pusht_policy, port=0, out_of_range="flag", **SEQUENTIAL) as server:
+        assert server.metadata["out_of_range"] == "flag"
+        with PolicyClient("127.0.0.1", server.port) as client:
+            reply = client.infer({"obs": far})
+            assert reply["actions"].shape == (8, 2)
+            assert "obs['obs'][3] = 404032" in reply["out_of_range"]["obs"]
+            assert "out_of_range" not in client.infer({"obs": obs})
+            flagged = client.observe({"obs": far})
+            assert flagged["observed"] and "obs" in flagged["out_of_range"]
