@@ -8,8 +8,11 @@ library's accept loop ends on the first ``accept()`` error, so the server return
 (measured: ~270 silent connections under a soft ``nofile`` limit of 1024). This module bounds
 each phase:
 
-- **Before the handshake** at most ``max_pending`` connections wait for their headers; one more
-  closes the one that has waited longest (a robot completes its handshake in milliseconds, a
+- **Before the handshake** a connection that has sent nothing waits in the accept loop's
+  selector (one descriptor, no thread); at most ``max_pending`` wait so, and as many again
+  whose first bytes arrived wait in their handshake with a thread; one more in either pool
+  closes the one that has waited longest (in the selector's pool, unless its first bytes are
+  there already: then it gets its handler) (a robot completes its handshake in milliseconds, a
   silent connection never does, so a robot gets in during a flood).
 - **Admitted** connections take one of ``max_connections`` slots atomically (the count and the
   check under one lock), optionally with slots that only clients with the API key may take.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import selectors
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -63,7 +67,7 @@ class Admission:
         self._lock = threading.Lock()
         self._pending: OrderedDict[int, ServerConnection] = OrderedDict()
         self._slots: dict[int, bool] = {}  # id(connection) -> holds the key
-        self.evicted = 0  # pending connections closed to make room (a counter tests read)
+        self.evicted = 0  # connections closed before their handshake (a counter tests read)
 
     @property
     def connections(self) -> int:
@@ -83,6 +87,11 @@ class Admission:
             full = len(self._pending) > self.max_pending
         if full:
             self.evict_oldest()  # its handshake then ends at once, its threads with it
+
+    def count_eviction(self) -> None:
+        """A connection was closed before its handshake to make room (the accept loop's)."""
+        with self._lock:
+            self.evicted += 1
 
     def evict_oldest(self) -> bool:
         """Close the connection that has waited longest for its handshake (descriptors ran
@@ -140,28 +149,77 @@ class AdmittedConnection(ServerConnection):
             self.admission.handshake_ended(self)
 
 
-def accept_forever(server: Server, stopping: threading.Event, admission: Admission) -> None:
-    """websockets' ``Server.serve_forever`` loop, except that a failed ``accept()`` (no
-    descriptors left, no memory, a connection reset before it was accepted) closes the oldest
-    pending handshake, pauses and serves on, with one warning per ``LOG_EVERY_S``; it returns
+def accept_forever(
+    server: Server, stopping: threading.Event, admission: Admission, open_timeout: float
+) -> None:
+    """websockets' ``Server.serve_forever`` loop with the pre-handshake phase bounded.
+
+    An accepted connection waits in this thread's selector, holding one descriptor and no
+    thread, until its first bytes arrive; only then does it get websockets' handler thread (and
+    join :class:`Admission`'s pending pool). At most ``admission.max_pending`` wait at once: one
+    more closes the one that has waited longest, and one waiting ``open_timeout`` seconds is
+    closed. A failed ``accept()`` (no descriptors left, no memory) closes the oldest waiting
+    and pending connections, pauses and serves on, with one warning per ``LOG_EVERY_S``. Returns
     when ``server.shutdown()`` closes the listening socket."""
     poller = selectors.DefaultSelector()
-    poller.register(server.shutdown_watcher, selectors.EVENT_READ)
-    poller.register(server.socket, selectors.EVENT_READ)
+    poller.register(server.shutdown_watcher, selectors.EVENT_READ, "shutdown")
+    poller.register(server.socket, selectors.EVENT_READ, "listen")
+    waiting: OrderedDict[socket.socket, tuple[Any, float]] = OrderedDict()
     pause, failures, logged = ACCEPT_BACKOFF_S[0], 0, 0.0
+
+    def drop(sock: socket.socket) -> None:
+        waiting.pop(sock, None)
+        poller.unregister(sock)
+        sock.close()
+        admission.count_eviction()
+
+    def make_room() -> None:
+        """Free the longest-waiting slot: a connection whose first bytes already arrived (the
+        selector has not said so yet) gets its handler; a silent one is closed."""
+        sock = next(iter(waiting))
+        try:
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            drop(sock)  # silent since it connected
+            return
+        except OSError:
+            data = b""
+        if not data:
+            drop(sock)  # closed by its client
+            return
+        address, _ = waiting.pop(sock)
+        poller.unregister(sock)
+        _start_handler(server, sock, address)
+
     try:
         while not stopping.is_set():
-            ready = poller.select()
-            if any(key.fileobj is server.shutdown_watcher for key, _ in ready):
-                return
+            timeout = None
+            if waiting:
+                oldest = next(iter(waiting.values()))[1]
+                timeout = max(0.0, oldest + open_timeout - time.monotonic())
+            ready = poller.select(timeout)
+            now = time.monotonic()
+            for sock in [s for s, (_, since) in waiting.items() if now - since >= open_timeout]:
+                drop(sock)  # sent nothing within the open timeout
+            for key, _ in ready:
+                if key.data == "shutdown":
+                    return
+                if key.data != "listen" and key.fileobj in waiting:
+                    sock = key.fileobj
+                    address, _ = waiting.pop(sock)
+                    poller.unregister(sock)
+                    _start_handler(server, sock, address)  # its first bytes arrived
+            if not any(key.data == "listen" for key, _ in ready):
+                continue
             try:
                 sock, address = server.socket.accept()
             except OSError as error:
                 if stopping.is_set() or server.socket.fileno() == -1:
                     return
                 failures += 1
-                admission.evict_oldest()  # its descriptors for the next connection
-                now = time.monotonic()
+                if waiting:  # descriptors for the next connection
+                    drop(next(iter(waiting)))
+                admission.evict_oldest()
                 if now - logged >= LOG_EVERY_S:
                     logger.warning(
                         "accepting a connection failed %d time(s) (%s); pausing %.2f s and "
@@ -177,21 +235,30 @@ def accept_forever(server: Server, stopping: threading.Event, admission: Admissi
                 pause = min(pause * 2, ACCEPT_BACKOFF_S[1])
                 continue
             pause = ACCEPT_BACKOFF_S[0]
-            thread = threading.Thread(target=server.handler, args=(sock, address), daemon=True)
-            with server.lock:  # as websockets registers its handler threads
-                server.handler_threads.add(thread)
-            try:
-                thread.start()
-            except RuntimeError:  # no thread could be started: refuse this one, serve on
-                with server.lock:
-                    server.handler_threads.discard(thread)
-                sock.close()
-                if stopping.wait(pause):
-                    return
+            while len(waiting) >= admission.max_pending:
+                make_room()
+            waiting[sock] = (address, now)
+            poller.register(sock, selectors.EVENT_READ, "waiting")
     finally:
+        for sock in list(waiting):
+            sock.close()
         server.socket_closed.set()
         server.shutdown_watcher.close()
         poller.close()
+
+
+def _start_handler(server: Server, sock: socket.socket, address: Any) -> None:
+    """websockets' handler thread for a connection whose handshake has begun (registered as
+    websockets registers its own, so that shutdown waits for it)."""
+    thread = threading.Thread(target=server.handler, args=(sock, address), daemon=True)
+    with server.lock:
+        server.handler_threads.add(thread)
+    try:
+        thread.start()
+    except RuntimeError:  # no thread could be started: refuse this one, serve on
+        with server.lock:
+            server.handler_threads.discard(thread)
+        sock.close()
 
 
 def raise_open_file_limit() -> int:
@@ -220,4 +287,5 @@ def pending_within(limit: int, max_connections: int, max_pending: int) -> int:
     if not limit:
         return max_pending
     room = limit - RESERVED_DESCRIPTORS - max_connections * DESCRIPTORS_PER_CONNECTION
-    return max(MIN_PENDING, min(max_pending, room // DESCRIPTORS_PER_CONNECTION))
+    # each pending slot: one connection waiting for its first bytes, one in its handshake
+    return max(MIN_PENDING, min(max_pending, room // (DESCRIPTORS_PER_CONNECTION + 1)))

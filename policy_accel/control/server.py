@@ -19,11 +19,11 @@ Protocol (that of openpi's ``WebsocketPolicyServer``, so ``openpi_client``'s
    dtype, NaN/Inf, values outside the bound around the policy's training range (see
    :mod:`~policy_accel.policies.observations`; with ``out_of_range="flag"`` such a request is
    served and the reply carries ``"out_of_range": {key: what}``), a timing key the last reply
-   cannot honour, a text frame, a decode that runs past ``request_timeout_s``) is answered with a TEXT frame naming the problem (at most
-   ``messages.MESSAGE_LIMIT`` characters) and changes nothing: the connection stays open and its
-   Controller is untouched. A plan that fails after the request was accepted is also answered
-   with a text frame and also leaves the Controller as it was. openpi's client raises
-   ``RuntimeError`` on a text reply; ours raises ``ServerError``.
+   cannot honour, a text frame, a decode that runs past ``request_timeout_s``) is answered with a
+   TEXT frame naming the problem (at most ``messages.MESSAGE_LIMIT`` characters) and changes
+   nothing: the connection stays open and its Controller is untouched. A plan that fails after
+   the request was accepted is also answered with a text frame and also leaves the Controller as
+   it was. openpi's client raises ``RuntimeError`` on a text reply; ours raises ``ServerError``.
 
 Timing keys (optional, for real-time clients): ``"__executed__": k``, the actions of the last
 reply executed before this observation's step (the warm start's shift; default: as a lockstep
@@ -141,6 +141,9 @@ MAX_QUEUED_FRAMES = 1
 SHUTDOWN_GRACE_S = 0.5
 OPEN_TIMEOUT_S = 5.0  # a client that does not finish its handshake in time is dropped
 DEFAULT_IDLE_TIMEOUT_S = 60.0
+# connections the kernel queues for accept(): Python's default (128) overflowed under a flood of
+# silent connections, and a dropped SYN costs a client (a robot, a /healthz probe) a 1 s retry
+LISTEN_BACKLOG = 1024
 OUT_OF_RANGE_CHOICES = ("refuse", "flag")
 
 __all__ = [
@@ -393,6 +396,7 @@ class PolicyServer:
                 compression=None,
                 open_timeout=OPEN_TIMEOUT_S,
                 close_timeout=SHUTDOWN_GRACE_S,
+                backlog=LISTEN_BACKLOG,
             ) as server:
                 self._server = server
                 self.port = server.socket.getsockname()[1]
@@ -407,7 +411,7 @@ class PolicyServer:
                     on_start(self.port)
                 # until shutdown() from stop(), at once if stop() came already: the loop marks
                 # the socket closed, which websockets' shutdown() waits for
-                accept_forever(server, self._stopping, self.admission)
+                accept_forever(server, self._stopping, self.admission, OPEN_TIMEOUT_S)
         finally:
             self._server = None
             self._plans.shutdown(SHUTDOWN_GRACE_S)

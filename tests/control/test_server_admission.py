@@ -5,6 +5,7 @@ cap, slots reserved for clients with the key, malformed headers, and the exit on
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ def _infer_once(port: int, timeout: float = 10.0) -> dict:
         try:
             with PolicyClient("127.0.0.1", port) as client:
                 return client.infer(OBS)
-        except (ConnectionError, OSError) as error:
+        except (ConnectionError, OSError, ConnectionClosed) as error:  # evicted: try again
             last = error
             time.sleep(0.1)
     raise AssertionError(f"no reply within {timeout} s: {last!r}")
@@ -105,7 +106,7 @@ def test_a_flood_of_silent_connections_under_a_small_file_limit_never_stops_the_
         log = process.stderr.read()
         assert "stopped by SIGTERM" in log
         # the pending handshakes were bounded to what the descriptors allow
-        assert "leaves room for 6 pending handshakes beside 32 connections" in log
+        assert re.search(r"leaves room for \d+ pending handshakes beside 32 connections", log)
     finally:
         for sock in flood:
             sock.close()
