@@ -26,6 +26,17 @@ class Executor(ABC):
     def evaluate(self, denoiser: Denoiser, x: Tensor, t: Tensor) -> Tensor:
         """Model output for a window: ``x [P, B, *event]``, ``t [P]`` -> ``[P, B, *event]``."""
 
+    def window_size(self, positions: int, total: int) -> int:
+        """The window size a call of ``positions`` of ``total`` positions runs at: the solver's
+        step map pads the window to it (repeating its last position) and drops the padding's
+        outputs. Executors that capture or compile round sizes up to a few buckets."""
+        return positions
+
+    def captures_loops(self) -> bool:
+        """Whether solvers may capture whole loops or rounds as graphs through this executor's
+        ``graphs`` (:class:`~policy_accel.execution.graphs.GraphCache`)."""
+        return False
+
     @abstractmethod
     def jvp(
         self, denoiser: Denoiser, x: Tensor, t: Tensor, tangents: Tensor

@@ -2,10 +2,13 @@
 
 Options: run the model on another ``device`` or in another ``dtype`` than the solver's state
 (inputs are moved and cast for the call, outputs come back on the solver's device and dtype, so
-an fp16/bf16 model runs under an fp32 solver); ``compile`` the denoiser with ``torch.compile``;
-capture each window shape in a CUDA graph (``cuda_graphs``: static input and output buffers
-reused across rounds, one replay per round, no allocation or host synchronisation inside it).
-The CPU thread count is a process setting made once at the entry points (the CLI, benchmarks);
+an fp16/bf16 model runs under an fp32 solver); ``compile`` the network with ``torch.compile``;
+capture it in CUDA graphs (``cuda_graphs``). Captures and compilations belong to the network, not
+to one replan's denoiser (:class:`~policy_accel.execution.graphs.NetworkRunner`): every later
+replan of the policy copies its conditioning into the capture's static buffers and replays it.
+With either option windows run in a few padded sizes (``bucket_ratio``; see
+:func:`~policy_accel.execution.graphs.bucket_size`), so a replan touches one or two shapes. The
+CPU thread count is a process setting made once at the entry points (the CLI, benchmarks);
 :meth:`describe` records it.
 """
 
@@ -17,6 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from policy_accel.execution.autodiff import jvp as locked_jvp
 from policy_accel.execution.base import Denoiser, Executor, flatten_window, unflatten_output
+from policy_accel.execution.graphs import GraphCache, NetworkRunner, bucket_size
+
+DEFAULT_BUCKET_RATIO = 2
 
 
 class LocalExecutor(Executor):
@@ -29,6 +35,7 @@ class LocalExecutor(Executor):
         *,
         compile: bool = False,
         cuda_graphs: bool = False,
+        bucket_ratio: int | None = None,
     ) -> None:
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
@@ -38,8 +45,28 @@ class LocalExecutor(Executor):
             )
         self.compile = compile
         self.cuda_graphs = cuda_graphs
-        self._compiled: dict[int, Denoiser] = {}
-        self._graphs: dict[tuple, tuple] = {}
+        captured = compile or cuda_graphs
+        if bucket_ratio is None:
+            bucket_ratio = DEFAULT_BUCKET_RATIO if captured else 1
+        self.bucket_ratio = int(bucket_ratio)
+        self.runner = (
+            NetworkRunner("graphs" if cuda_graphs else "compile", compile=compile)
+            if captured
+            else None
+        )
+        self.graphs = GraphCache()  # whole loops and rounds a solver captures (cuda_graphs)
+
+    @classmethod
+    def emulating_graphs(cls, device: str = "cpu", **options) -> LocalExecutor:
+        """An executor that takes the CUDA-graph path everywhere but replays a capture by
+        running it again on its static buffers (:class:`GraphCache`'s ``emulate``): on a CPU
+        it checks what a GPU replay would read, which the suite cannot capture."""
+        executor = cls(device, **options)
+        executor.cuda_graphs = True
+        executor.bucket_ratio = options.get("bucket_ratio") or DEFAULT_BUCKET_RATIO
+        executor.runner = NetworkRunner("graphs", emulate=True)
+        executor.graphs = GraphCache(emulate=True)
+        return executor
 
     def describe(self) -> dict:
         """Settings to record beside timings."""
@@ -50,7 +77,20 @@ class LocalExecutor(Executor):
             "torch_threads": torch.get_num_threads(),
             "compile": self.compile,
             "cuda_graphs": self.cuda_graphs,
+            "bucket_ratio": self.bucket_ratio,
         }
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured or network shapes compiled so far (tests read it)."""
+        return (self.runner.captures if self.runner is not None else 0) + self.graphs.captures
+
+    def window_size(self, positions: int, total: int) -> int:
+        return bucket_size(positions, total, self.bucket_ratio)
+
+    def captures_loops(self) -> bool:
+        """Whether a solver may capture whole loops or rounds through :attr:`graphs`."""
+        return self.cuda_graphs
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -58,10 +98,10 @@ class LocalExecutor(Executor):
         flat_x, flat_t = flatten_window(x, t)
         flat_x, flat_t = self._to_model(flat_x), flat_t.to(self.device or flat_t.device)
         with torch.no_grad():
-            if self.cuda_graphs:
-                output = self._replay(denoiser, flat_x, flat_t)
+            if self.runner is not None:
+                output = self.runner(denoiser, flat_x, flat_t)
             else:
-                output = self._model(denoiser)(flat_x, flat_t)
+                output = denoiser(flat_x, flat_t)
         return unflatten_output(self._to_solver(output, x), x)
 
     def jvp(
@@ -95,35 +135,3 @@ class LocalExecutor(Executor):
         if not isinstance(output, Tensor):
             return output  # unflatten_output names the problem
         return output.to(device=like.device, dtype=like.dtype)
-
-    def _model(self, denoiser: Denoiser) -> Denoiser:
-        if not self.compile:
-            return denoiser
-        key = id(denoiser)
-        if key not in self._compiled:
-            self._compiled = {key: torch.compile(denoiser, dynamic=False)}  # one live denoiser
-        return self._compiled[key]
-
-    def _replay(self, denoiser: Denoiser, x: Tensor, t: Tensor) -> Tensor:
-        """Run through a CUDA graph captured for this denoiser and input shape."""
-        key = (id(denoiser), tuple(x.shape), x.dtype, tuple(t.shape))
-        if key not in self._graphs:
-            if len(self._graphs) and next(iter(self._graphs))[0] != id(denoiser):
-                self._graphs.clear()  # a new problem: drop the old denoiser's graphs
-            static_x, static_t = x.clone(), t.clone()
-            model = self._model(denoiser)
-            stream = torch.cuda.Stream(device=x.device)
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # warm up allocator and autotuning outside the capture
-                    model(static_x, static_t)
-            torch.cuda.current_stream(x.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = model(static_x, static_t)
-            self._graphs[key] = (graph, static_x, static_t, static_out)
-        graph, static_x, static_t, static_out = self._graphs[key]
-        static_x.copy_(x)
-        static_t.copy_(t)
-        graph.replay()
-        return static_out.clone()

@@ -12,13 +12,16 @@ stay on the first device.
 
 from __future__ import annotations
 
+import copy
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from policy_accel.execution.base import Denoiser, Executor
+from policy_accel.execution.bound import ConditionedDenoiser
 from policy_accel.execution.local import LocalExecutor
 
 
@@ -60,7 +63,8 @@ class MultiDeviceExecutor(Executor):
         self.min_positions = max(1, int(min_positions))
         self.locals = [LocalExecutor(device, dtype) for device in self.devices]
         self._pool = ThreadPoolExecutor(len(devices)) if threads else None
-        self._replicas: tuple[int, list[Denoiser]] | None = None
+        self._replicas: tuple[weakref.ref, list[Denoiser]] | None = None
+        self._networks: tuple[weakref.ref, list] | None = None
 
     def describe(self) -> dict:
         return {
@@ -73,22 +77,42 @@ class MultiDeviceExecutor(Executor):
         }
 
     def replicas(self, denoiser: Denoiser) -> list[Denoiser]:
-        """The denoiser on every device, made once per denoiser."""
-        if self._replicas is not None and self._replicas[0] == id(denoiser):
-            return self._replicas[1]
-        copies = []
-        for device in self.devices:
-            if hasattr(denoiser, "to"):
-                copies.append(denoiser.to(device))
-            elif device.type == "cpu":
-                copies.append(denoiser)
-            else:
-                raise TypeError(
-                    f"the denoiser ({type(denoiser).__name__}) has no to(device) method, so it "
-                    f"cannot be replicated onto {device}; give it one (policy denoisers have it)."
+        """The denoiser on every device. A :class:`ConditionedDenoiser`'s network is copied
+        once per network and device, and kept across replans (only the small per-replan
+        context moves); another denoiser is copied once per denoiser."""
+        if isinstance(denoiser, ConditionedDenoiser):
+            networks = self._network_replicas(denoiser.network)
+            return [
+                ConditionedDenoiser(
+                    network, {k: v.to(device) for k, v in denoiser.context.items()}, denoiser.batch
                 )
-        self._replicas = (id(denoiser), copies)
+                for network, device in zip(networks, self.devices, strict=True)
+            ]
+        if self._replicas is not None and self._replicas[0]() is denoiser:
+            return self._replicas[1]
+        copies = [self._copy(denoiser, device) for device in self.devices]
+        self._replicas = (weakref.ref(denoiser), copies)
         return copies
+
+    def _network_replicas(self, network) -> list:
+        entry = self._networks
+        if entry is None or entry[0]() is not network:
+            copies = [self._copy(network, device) for device in self.devices]
+            entry = self._networks = (weakref.ref(network), copies)
+        return entry[1]
+
+    @staticmethod
+    def _copy(model, device: torch.device):
+        if isinstance(model, torch.nn.Module):
+            return copy.deepcopy(model).to(device)
+        if hasattr(model, "to"):
+            return model.to(device)
+        if device.type == "cpu":
+            return model
+        raise TypeError(
+            f"the denoiser ({type(model).__name__}) has no to(device) method, so it cannot be "
+            f"replicated onto {device}; give it one (policy denoisers have it)."
+        )
 
     def calibrate(self, denoiser: Denoiser, x: Tensor, t: Tensor, repeats: int = 3) -> list[float]:
         """Measure each device's throughput on window ``x`` and use it as its weight."""

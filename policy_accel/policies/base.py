@@ -12,7 +12,6 @@ sample back to actions in environment units. ``predict_action`` chains the three
 
 from __future__ import annotations
 
-import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from policy_accel.execution import Executor
+from policy_accel.execution.bound import ConditionedDenoiser
 from policy_accel.policies import observations
 from policy_accel.policies.observations import ObservationError, describe_spec
 from policy_accel.sampling import DenoisingProblem, sample
@@ -43,30 +43,6 @@ def overlap_schedule(length: int) -> np.ndarray:
     - k) / (length + 1)``, from about 0.6 down toward 0 (1 would be committed, 0 free)."""
     c = (length - np.arange(length)) / (length + 1)
     return c * np.expm1(c) / math.expm1(1.0)
-
-
-class ConditionedDenoiser:
-    """``network(x, t, **context)`` with per-sample ``context`` tiled over the window positions
-    of a flat batch (position major). ``to(device)`` gives a replica on another device, which
-    multi-device executors use."""
-
-    def __init__(self, network: Any, context: dict[str, Tensor], batch: int) -> None:
-        self.network, self.context, self.batch = network, context, batch
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if x.shape[0] % self.batch:
-            raise ValueError(
-                f"the denoiser got {x.shape[0]} rows, not a multiple of the batch size "
-                f"{self.batch}."
-            )
-        copies = x.shape[0] // self.batch
-        tiled = {k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in self.context.items()}
-        return self.network(x, t.to(torch.int64), **tiled)
-
-    def to(self, device: str | torch.device) -> ConditionedDenoiser:
-        network = copy.deepcopy(self.network).to(device)
-        context = {k: v.to(device) for k, v in self.context.items()}
-        return ConditionedDenoiser(network, context, self.batch)
 
 
 @dataclass(frozen=True)

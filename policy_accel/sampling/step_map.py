@@ -49,9 +49,22 @@ class StepMap:
         ``p - 1`` is among ``positions``, else from the latest earlier round that evaluated it.
         """
         x_in = self.problem.prepare(x, positions)
-        output = self.executor.evaluate(self.problem.denoiser, x_in, self.rule.timesteps[positions])
+        output = self._evaluate(positions, x_in)
         self._count(positions, output, evaluations=int(positions.numel()) * int(x.shape[1]))
         return self._step(positions, x_in, output)
+
+    def _evaluate(self, positions: Tensor, x_in: Tensor) -> Tensor:
+        """The model's output at ``positions``, the window padded to the executor's size (its
+        last position repeated; those outputs are dropped) so captured shapes stay few."""
+        count = int(positions.numel())
+        size = self.executor.window_size(count, self.problem.num_steps)
+        timesteps = self.rule.timesteps[positions]
+        if size > count:
+            extra = size - count
+            x_in = torch.cat([x_in, x_in[-1:].expand(extra, *x_in.shape[1:])])
+            timesteps = torch.cat([timesteps, timesteps[-1:].expand(extra)])
+        output = self.executor.evaluate(self.problem.denoiser, x_in, timesteps)
+        return output[:count] if size > count else output
 
     def _step(self, positions: Tensor, x_in: Tensor, output: Tensor) -> Tensor:
         converted = self.rule.convert(positions, x_in, output)
@@ -82,7 +95,7 @@ class StepMap:
         """One round that only asks for the clean-sample predictions at ``positions`` (srds'
         coarse steps); the per-position buffers are left alone."""
         x_in = self.problem.prepare(x, positions)
-        output = self.executor.evaluate(self.problem.denoiser, x_in, self.rule.timesteps[positions])
+        output = self._evaluate(positions, x_in)
         self._count(positions, output, evaluations=int(positions.numel()) * int(x.shape[1]))
         return self.rule.predict_x0(positions, x_in, output)
 
