@@ -39,6 +39,11 @@ from policy_accel.sampling.jacobians import Jacobians
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers.options import WindowOptions, check_event_size
+from policy_accel.sampling.solvers.rounds import (
+    StaticRound,
+    can_capture_rounds,
+    solve_by_captured_rounds,
+)
 from policy_accel.sampling.solvers.scan import matrix_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
@@ -92,24 +97,14 @@ def chord(
             f"steps with events {estimate.event_shape}; this problem has {problem.batch_size} "
             f"rows of {problem.num_steps} steps with events {tuple(problem.event_shape)}."
         )
+    if can_capture_rounds(executor, options, problem.num_steps):
+        return solve_by_captured_rounds(
+            problem, executor, _captured_round(options), method="chord", init=init,
+            options=options,
+        )  # fmt: skip
     step_map = StepMap(problem, executor, defer_finite_check=True)
     x_T = problem.x_T
-    coefficient = problem.rule.linear_coefficient().to(x_T)
-    eye = torch.eye(size, dtype=x_T.dtype, device=x_T.device)
-    picard_part = coefficient.reshape(-1, 1, 1, 1) * eye.expand(problem.batch_size, size, size)
-    free = None
-    if problem.mask is not None:  # inpainted entries are fixed: no rows, no columns
-        free = (~problem.mask).to(x_T.dtype).expand_as(x_T).reshape(1, problem.batch_size, size)
-        # and the model sees guided entries scaled by 1 - guide (a measured estimate has it)
-        steps = torch.arange(problem.num_steps, device=x_T.device)
-        columns = problem.input_weight(steps).reshape(-1, problem.batch_size, 1, size)
-        picard_part = picard_part * free.unsqueeze(-1) * columns
-    if estimate is None:
-        linear = picard_part.clone()
-    else:
-        linear = estimate.dense(coefficient).to(x_T)
-        if free is not None:
-            linear = linear * free.unsqueeze(-1) * free.unsqueeze(-2)
+    picard_part, linear = _linear_parts(problem, estimate)
     state = {"last": math.inf, "plain": False}
     n, batch = problem.num_steps, problem.batch_size
     seen = torch.zeros(n, dtype=torch.bool, device=x_T.device)
@@ -150,6 +145,89 @@ def chord(
 
     watched = dataclasses.replace(options, callback=watch)
     return solve_by_windows(step_map, iterate, method="chord", init=init, options=watched)
+
+
+def _linear_parts(problem: DenoisingProblem, estimate: Jacobians | None) -> tuple[Tensor, Tensor]:
+    """Picard's linear part ``a_i I`` per step and row (inpainted entries fixed, guided ones
+    scaled) and the starting linear part (the estimate, or a copy of picard's)."""
+    x_T, size = problem.x_T, math.prod(problem.event_shape)
+    coefficient = problem.rule.linear_coefficient().to(x_T)
+    eye = torch.eye(size, dtype=x_T.dtype, device=x_T.device)
+    picard_part = coefficient.reshape(-1, 1, 1, 1) * eye.expand(problem.batch_size, size, size)
+    free = None
+    if problem.mask is not None:  # inpainted entries are fixed: no rows, no columns
+        free = (~problem.mask).to(x_T.dtype).expand_as(x_T).reshape(1, problem.batch_size, size)
+        # and the model sees guided entries scaled by 1 - guide (a measured estimate has it)
+        steps = torch.arange(problem.num_steps, device=x_T.device)
+        columns = problem.input_weight(steps).reshape(-1, problem.batch_size, 1, size)
+        picard_part = picard_part * free.unsqueeze(-1) * columns
+    if estimate is None:
+        return picard_part, picard_part.clone()
+    linear = estimate.dense(coefficient).to(x_T)
+    if free is not None:
+        linear = linear * free.unsqueeze(-1) * free.unsqueeze(-2)
+    return picard_part, linear
+
+
+def _captured_round(options: ChordOptions) -> StaticRound:
+    """Chord's round over all positions for :func:`solve_by_captured_rounds`: the secant
+    update, the matrix scan and the fall-back to picard's linear part decided on the device
+    (a flag kept in the state) rather than by the host between rounds."""
+
+    host = {"last": math.inf}  # the last round's residual, for reset_growth
+
+    def make_state(problem: DenoisingProblem) -> dict[str, Tensor]:
+        n, batch, size = problem.num_steps, problem.batch_size, math.prod(problem.event_shape)
+        like = problem.x_T
+        matrices = torch.zeros((n, batch, size, size), dtype=like.dtype, device=like.device)
+        vectors = torch.zeros((n, batch, size, 1), dtype=like.dtype, device=like.device)
+        return {
+            "linear": matrices, "picard": matrices.clone(), "last_x": vectors,
+            "last_F": vectors.clone(), "seen": torch.zeros(n, dtype=torch.bool, device=like.device),
+            "plain": torch.zeros((), dtype=torch.bool, device=like.device),
+        }  # fmt: skip
+
+    def start(problem: DenoisingProblem, state: dict[str, Tensor]) -> None:
+        picard_part, linear = _linear_parts(problem, options.jacobians)
+        state["picard"].copy_(picard_part)
+        state["linear"].copy_(linear)
+        state["seen"].zero_()
+        state["plain"].zero_()
+        host["last"] = math.inf
+
+    def step(problem, step_map, x, active, state) -> Tensor:
+        n, batch = problem.num_steps, problem.batch_size
+        positions = torch.arange(n, device=x.device)
+        F = step_map(positions, x[:n])
+        flat_x = problem.prepare(x[:n], positions, guided=False).reshape(n, batch, -1, 1)
+        flat_F = F.reshape(n, batch, -1, 1)
+        J, plain = state["linear"], state["plain"]
+        if options.secant:
+            known = state["seen"] & active & ~plain
+            broyden_update(J, flat_x - state["last_x"], flat_F - state["last_F"], known)
+        rows = active.reshape(n, 1, 1, 1)
+        state["last_x"].copy_(torch.where(rows, flat_x, state["last_x"]))
+        state["last_F"].copy_(torch.where(rows, flat_F, state["last_F"]))
+        state["seen"].logical_or_(active)
+        old = x[1:]
+        F = torch.where(active.reshape((n,) + (1,) * (F.dim() - 1)), F, old)  # held: no change
+        corrected = matrix_scan(F, old, J)
+        fallback = matrix_scan(F, old, state["picard"])
+        largest = corrected.abs().amax()
+        bounded = torch.isfinite(largest) & (largest <= 100.0 * (F.abs().amax() + 1.0))
+        plain.logical_or_(~bounded)
+        J.copy_(torch.where(plain, state["picard"], J))
+        return torch.where(plain, fallback, corrected)
+
+    def after(state: dict[str, Tensor], residual: float, rounds: int) -> None:
+        growth = options.reset_growth
+        if growth is not None and residual > growth * host["last"]:
+            state["plain"].fill_(True)  # the estimate made things worse: picard from here on
+            state["linear"].copy_(state["picard"])
+        host["last"] = residual
+
+    key = (options.secant, options.reset_growth, options.jacobians is not None)
+    return StaticRound(key, make_state, start, step, after)
 
 
 def broyden_update(J: Tensor, dx: Tensor, dF: Tensor, known: Tensor) -> None:

@@ -54,9 +54,9 @@ def finish_sequentially(
     step_map: StepMap, x: Tensor, begin: int, callback: Callback | None = None
 ) -> None:
     """Complete ``x[begin+1 ..]`` with the sequential loop from the final position ``begin``."""
+    steps = torch.arange(step_map.problem.num_steps, device=x.device)  # no copy per step
     for i in range(begin, step_map.problem.num_steps):
-        positions = torch.tensor([i], device=x.device)
-        x[i + 1] = step_map(positions, x[i : i + 1])[0]
+        x[i + 1] = step_map(steps[i : i + 1], x[i : i + 1])[0]
         report(callback, step_map, x, None, i + 1)
 
 

@@ -21,6 +21,11 @@ from policy_accel.execution import Executor
 from policy_accel.sampling.problem import DenoisingProblem
 from policy_accel.sampling.result import SampleResult
 from policy_accel.sampling.solvers.options import WindowOptions
+from policy_accel.sampling.solvers.rounds import (
+    StaticRound,
+    can_capture_rounds,
+    solve_by_captured_rounds,
+)
 from policy_accel.sampling.solvers.scan import diagonal_scan
 from policy_accel.sampling.solvers.windows import solve_by_windows
 from policy_accel.sampling.step_map import StepMap
@@ -46,9 +51,14 @@ class PicardOptions(WindowOptions):
 def picard(
     problem: DenoisingProblem, init: Tensor | None, executor: Executor, options: PicardOptions
 ) -> SampleResult:
-    step_map = StepMap(problem, executor, defer_finite_check=True)
     linear = problem.rule.linear_coefficient().to(problem.x_T)
     safe = problem.rule.products_are_safe()
+    if can_capture_rounds(executor, options, problem.num_steps):
+        round_ = StaticRound(("picard", safe), _no_state, _no_start, _captured_step(linear, safe))
+        return solve_by_captured_rounds(
+            problem, executor, round_, method="picard", init=init, options=options
+        )
+    step_map = StepMap(problem, executor, defer_finite_check=True)
 
     def iterate(x: Tensor, begin: int, end: int) -> tuple[Tensor, Tensor, None]:
         positions = torch.arange(begin, end, device=x.device)
@@ -58,3 +68,25 @@ def picard(
         return new, new - x[begin + 1 : end + 1], None
 
     return solve_by_windows(step_map, iterate, method="picard", init=init, options=options)
+
+
+def _captured_step(linear: Tensor, safe: bool):
+    """Picard's round over all positions (:func:`solve_by_captured_rounds`): held positions
+    get no change, so the scan carries none through them."""
+
+    def step(problem, step_map, x, active, state) -> Tensor:
+        n = problem.num_steps
+        F = step_map(torch.arange(n, device=x.device), x[:n])
+        old = x[1:]
+        F = torch.where(active.reshape((n,) + (1,) * (F.dim() - 1)), F, old)
+        return diagonal_scan(F, old, linear.to(x), safe)
+
+    return step
+
+
+def _no_state(problem: DenoisingProblem) -> dict[str, Tensor]:
+    return {}
+
+
+def _no_start(problem: DenoisingProblem, state: dict[str, Tensor]) -> None:
+    pass

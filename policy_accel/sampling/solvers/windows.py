@@ -43,12 +43,14 @@ def solve_by_windows(
     x = initial_trajectory(problem, init)
     scale = problem.tolerance_scale
     residuals: list[float] = []
+    sizes: list[int] = []  # positions each round evaluated (the cost model reads them)
     begin, end = 0, window
     while (
         begin < n
         and step_map.rounds < max_rounds
         and may_start_round(step_map.rounds, options.deadline)
     ):
+        sizes.append(end - begin)
         new, change, settled = iterate(x, begin, end)
         errors = scaled_error(change, scale[begin:end]).tolist()  # the round's one host sync
         if not all(map(math.isfinite, errors)):
@@ -75,4 +77,5 @@ def solve_by_windows(
         converged_steps=min(begin, n),
         deadline_hit=not converged and step_map.rounds < max_rounds,
         options=options,
+        stats={"window_sizes": sizes},
     )
