@@ -20,7 +20,15 @@ PYTHON312 ?= $(shell for p in python3.12 python3.13 $${PYENV_ROOT:-$$HOME/.pyenv
 	"$$p" -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { command -v "$$p"; break; }; done)
 LEROBOT_PACKAGES := 'lerobot[diffusion]==0.6.1' torch==2.11.0 torchvision==0.26.0 gym-pusht==0.1.8 pytest websockets msgpack
 
-.PHONY: test test-lerobot demo install clean
+# The device check (policy_accel.bench.gpu). On a machine with a CUDA torch (the lent GPU
+# machine: its own python3 and torch, no registry) it installs the few wheels that machine lacks
+# from $(GPU_WHEELS) (fetched here beforehand by `make gpu-wheels`) into a temporary folder; on
+# any other machine it runs the same script on the CPU with tiny sizes.
+GPU_WHEELS := .wheels-gpu
+GPU_WHEEL_PINS := diffusers==0.42.1
+GPU_SITE := /tmp/policy-accel-site
+
+.PHONY: test test-lerobot demo install clean bench-gpu gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +58,20 @@ test-lerobot: $(LEROBOT_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m policy_accel.demo
+
+gpu-wheels:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+
+bench-gpu:
+	@if python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then \
+		python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+			--upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl && \
+		PYTHONPATH=$(GPU_SITE):$(CURDIR) OMP_NUM_THREADS=1 python3 -m policy_accel.bench.gpu $(BENCH_ARGS); \
+	else \
+		$(MAKE) --no-print-directory install && $(BIN)/python -m policy_accel.bench.gpu $(BENCH_ARGS); \
+	fi
 
 clean:
 	rm -rf $(VENV) $(LEROBOT_VENV) .pytest_cache
