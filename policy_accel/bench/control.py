@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 import envs
+from policy_accel.bench.cost import TimedExecutor
 from policy_accel.bench.paths import checkpoints_dir, result_path
 from policy_accel.bench.solvers import load_average, machine
 from policy_accel.control import Controller, SamplerConfig
-from policy_accel.execution import LocalExecutor
 from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 from policy_accel.sampling import estimate_jacobians, sample
@@ -47,29 +47,6 @@ CONFIGURATIONS = {
 }
 DEFAULT = ["sequential", "picard", "picard_warm", "taa_warm", "chord", "chord_warm",
            "chord_warm_jacobians"]  # fmt: skip
-
-
-class TimedExecutor(LocalExecutor):
-    """A local executor that adds up the wall time inside model calls (host overhead is the
-    rest of a replan)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.model_s = 0.0
-
-    def evaluate(self, denoiser, x, t):
-        start = time.perf_counter()
-        try:
-            return super().evaluate(denoiser, x, t)
-        finally:
-            self.model_s += time.perf_counter() - start
-
-    def jvp(self, denoiser, x, t, tangents):
-        start = time.perf_counter()
-        try:
-            return super().jvp(denoiser, x, t, tangents)
-        finally:
-            self.model_s += time.perf_counter() - start
 
 
 @dataclass

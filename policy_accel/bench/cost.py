@@ -2,17 +2,48 @@
 
 A replan's latency is its rounds' model calls plus host work:
 ``latency = sum over rounds of t(P_r) + host``, with ``t(P)`` one batched call over ``P`` window
-positions of one sample, measured on this device and dtype (:func:`measure_call_times`), ``P_r``
+positions of one sample, measured on this device and dtype (``bench.gpu.call_times``), ``P_r``
 the positions round ``r`` evaluated (a solver records them as ``stats["window_sizes"]``; captured
-rounds evaluate all ``N``), and ``host`` the time outside model calls, measured on the shipped
-policy for each configuration and assumed the same for a larger network (the Python work does not
-depend on its size). So a configuration measured once predicts its latency for any network whose
-``t(P)`` is measured: what a budget tuner needs to pick the window, the solver and the dtype.
+rounds evaluate all ``N``), and ``host`` the time outside model calls: per round, measured on the
+shipped policy (:class:`TimedExecutor`) and assumed the same for a larger network (the Python
+work does not depend on its size). So a configuration measured once predicts its latency for any
+network whose ``t(P)`` is measured: what a budget tuner needs to pick the window, the solver and
+the dtype.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
+
+import torch
+
+from policy_accel.execution import LocalExecutor
+
+
+class TimedExecutor(LocalExecutor):
+    """A local executor that adds up the wall time inside model calls (synchronised on a GPU),
+    so that a replan's host time is the rest of its latency."""
+
+    def __init__(self, device=None) -> None:
+        super().__init__(device)
+        self.model_s = 0.0
+
+    def evaluate(self, denoiser, x, t):
+        return self._timed(super().evaluate, denoiser, x, t)
+
+    def jvp(self, denoiser, x, t, tangents):
+        return self._timed(super().jvp, denoiser, x, t, tangents)
+
+    def _timed(self, call, *args):
+        start = time.perf_counter()
+        try:
+            out = call(*args)
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return out
+        finally:
+            self.model_s += time.perf_counter() - start
 
 
 def call_time(table: list[dict], positions: int, *, dtype: str, mode: str) -> float:
@@ -50,7 +81,7 @@ def predicted_latency_ms(report: dict) -> list[dict]:
     shipped = next(iter(report["t_ms"]))
     for configuration, measured in report["closed_loop"].items():
         mode = CONFIG_MODE[configuration.split()[-1]]
-        windows = _mean_windows(measured)
+        windows = typical_windows(measured)
         if not windows:
             continue
         available = {(r["dtype"], r["mode"]) for r in report["t_ms"][shipped]}
@@ -70,7 +101,7 @@ def predicted_latency_ms(report: dict) -> list[dict]:
     return rows
 
 
-def _mean_windows(measured: dict) -> list[int]:
+def typical_windows(measured: dict) -> list[int]:
     """A representative replan's window sizes: the recorded replan whose round count is
     closest to the mean."""
     recorded = [w for w in measured.get("window_sizes", []) if w]

@@ -5,9 +5,10 @@ One command that measures what a replan costs on the current device, in one run:
 1. the GPU-marked tests (on a GPU);
 2. ``t(P)``: one batched model call over ``P`` window positions of one sample, for the shipped
    PushT policy, a DiffusionPolicy-paper-size low-dim UNet (Chi et al.: down_dims 256/512/1024,
-   ~65M parameters) and LeRobot's default DiffusionPolicy UNet (down_dims 512/1024/2048,
-   ~263M), random weights built through the real loaders (timing does not depend on them),
-   eager and CUDA-graph-captured, fp32 and bf16;
+   ~65M parameters) and LeRobot's default DiffusionPolicy UNet sizes (down_dims 512/1024/2048,
+   ~249M with PushT's conditioning; LeRobot's 263M adds its image encoder, which runs once per
+   replan, not per round), random weights built through the real loaders (timing does not
+   depend on them), eager and CUDA-graph-captured, fp32 and bf16;
 3. closed-loop PushT replans of the shipped policy on a recorded episode, every configuration
    planning the same replan in turn (interleaved): sequential eager, sequential captured (the
    whole 100-step loop one graph), warm chord and picard eager and captured; latency p50/p99,
@@ -15,8 +16,9 @@ One command that measures what a replan costs on the current device, in one run:
 4. the cost model: each configuration's replan latency predicted from ``t(P)`` and its rounds
    (:mod:`policy_accel.bench.cost`), beside the measured one.
 
-Without a GPU the same script runs on the CPU with tiny sizes (under 3 minutes) and says so
-(``"mode": "cpu-smoke"``). Writes ``gpu_<device>.json`` and ``gpu_<device>.md`` in the results
+Without a GPU the same script runs on the CPU with tiny sizes (seconds) and says so
+(``"mode": "cpu-smoke"``), or at the real sizes with ``--full`` (minutes: the cost model's check
+on this CPU). Writes ``gpu_<device>.json`` and ``gpu_<device>.md`` in the results
 folder (:mod:`policy_accel.bench.paths`).
 """
 
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policy_accel.bench.cost import predicted_latency_ms
+from policy_accel.bench.cost import TimedExecutor, model_time_ms, predicted_latency_ms
 from policy_accel.bench.paths import checkpoints_dir, result_path
 from policy_accel.control import Controller, SamplerConfig
 from policy_accel.execution import LocalExecutor
@@ -52,8 +54,8 @@ from policy_accel.policies.loading import load_policy
 EPISODE = Path(__file__).with_name("data") / "pusht_episode.npz"
 # the paper-size and LeRobot-default UNets (network sizes; the rest of the config is PushT's)
 MODELS = {
-    "chi_lowdim_65M": {"down_dims": [256, 512, 1024], "diffusion_step_embed_dim": 256},
-    "lerobot_default_263M": {"down_dims": [512, 1024, 2048], "diffusion_step_embed_dim": 128},
+    "chi_lowdim_unet": {"down_dims": [256, 512, 1024], "diffusion_step_embed_dim": 256},
+    "lerobot_default_unet": {"down_dims": [512, 1024, 2048], "diffusion_step_embed_dim": 128},
 }
 TINY = {"down_dims": [16, 32, 64], "diffusion_step_embed_dim": 16}
 
@@ -68,14 +70,17 @@ class Sizes:
     warm_up_replans: int
     models: dict
     dtypes: tuple[str, ...]
+    validation_replans: int  # each model's own warm chord replans, to check the cost model
 
     @classmethod
-    def for_device(cls, device: torch.device, replans: int | None) -> Sizes:
+    def for_device(cls, device: torch.device, replans: int | None, full: bool) -> Sizes:
+        ladder = (1, 2, 4, 8, 16, 32, 64, 100)
         if device.type == "cuda":
-            return cls((1, 2, 4, 8, 16, 32, 64, 100), 20, replans or 24, 2, MODELS,
-                       ("float32", "bfloat16"))  # fmt: skip
-        tiny = {f"{name.rsplit('_', 1)[0]}_tiny": TINY for name in MODELS}
-        return cls((1, 8, 100), 3, replans or 4, 1, tiny, ("float32",))
+            return cls(ladder, 20, replans or 24, 2, MODELS, ("float32", "bfloat16"), 8)
+        if full:  # the real sizes on this CPU (minutes): the cost model's check
+            return cls(ladder, 3, replans or 8, 1, MODELS, ("float32",), 3)
+        tiny = {f"{name}_tiny": TINY for name in MODELS}
+        return cls((1, 8, 100), 3, replans or 4, 1, tiny, ("float32",), 2)
 
 
 # --- models ---------------------------------------------------------------------------------
@@ -283,6 +288,50 @@ def record_episode(steps: int = 400, seed: int = 100000) -> Path:
     return EPISODE
 
 
+def _as_observation(policy, obs: np.ndarray):
+    """A recorded PushT step for ``policy``: the flat 20 entries, or LeRobot's split of them
+    (``observation.state`` the trailing 2, as ``export_lerobot`` wrote it)."""
+    spec = policy.observation_spec
+    if len(spec) == 1:
+        return obs
+    state = spec["observation.state"][0]
+    return {"observation.environment_state": obs[:-state], "observation.state": obs[-state:]}
+
+
+def validate(policy, model: str, report: dict, host_per_round_ms: float | None, device,
+             sizes: Sizes) -> dict:  # fmt: skip
+    """The cost model against a measurement: warm eager chord replans of ``policy`` on the
+    recorded episode, each predicted as the sum of ``t(P)`` over its own rounds' window sizes
+    plus ``host_per_round_ms`` a round (None: measured here, on this policy, and returned in
+    the row: the shipped policy's calibration)."""
+    episode = np.load(EPISODE)["obs"]
+    n = policy.n_action_steps
+    executor = TimedExecutor(device)
+    controller = Controller(policy, SamplerConfig(), seed=0, executor=executor)
+    measured, model_ms, rounds, host = [], [], [], []
+    for index, obs in enumerate(episode[: (sizes.validation_replans + 1) * n]):
+        executor.model_s = 0.0
+        step = controller.step(_as_observation(policy, obs))
+        if step.plan is None or index < n:  # the first (cold) replan is not timed
+            continue
+        windows = step.plan.result.stats["window_sizes"]
+        measured.append(step.plan.record.latency_ms)
+        model_ms.append(model_time_ms(report["t_ms"][model], windows, dtype="float32",
+                                      mode="eager"))  # fmt: skip
+        rounds.append(len(windows))
+        host.append(step.plan.record.latency_ms - executor.model_s * 1e3)
+    calibration = host_per_round_ms is None
+    if calibration:
+        host_per_round_ms = float(np.sum(host) / np.sum(rounds))
+    predicted = np.array(model_ms) + host_per_round_ms * np.array(rounds)
+    error = (predicted.mean() - np.mean(measured)) / np.mean(measured)
+    return {"model": model, "configuration": "chord eager", "replans": len(measured),
+            "rounds_mean": float(np.mean(rounds)), "measured_ms_mean": float(np.mean(measured)),
+            "predicted_ms_mean": float(predicted.mean()), "host_ms_mean": float(np.mean(host)),
+            "host_per_round_ms": host_per_round_ms, "calibration": calibration,
+            "relative_error": float(error)}  # fmt: skip
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -315,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--replans", type=int, default=None, help="timed replans per config")
     parser.add_argument("--skip-tests", action="store_true", help="skip the GPU-marked tests")
+    parser.add_argument(
+        "--full", action="store_true", help="on a CPU: the real model sizes (minutes), not tiny"
+    )
     parser.add_argument("--output", default=None, help="JSON path (default: results folder)")
     parser.add_argument(
         "--record-episode", action="store_true", help="re-record the PushT episode and exit"
@@ -325,11 +377,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = torch.device(args.device)
-    sizes = Sizes.for_device(device, args.replans)
+    sizes = Sizes.for_device(device, args.replans, args.full)
     started = time.perf_counter()
     name = device_name(device)
     report: dict = {
-        "mode": "gpu" if device.type == "cuda" else "cpu-smoke",
+        "mode": "gpu" if device.type == "cuda" else ("cpu" if args.full else "cpu-smoke"),
         "device": name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -344,20 +396,26 @@ def main(argv: list[str] | None = None) -> dict:
             _log(f"gpu tests {run['paths']}: {run.get('summary') or run.get('status')}")
     modes = ("eager", "graphs") if device.type == "cuda" else ("eager",)
     shipped = load_policy(checkpoints_dir() / "pusht_keypoints", device=str(device))
-    report["models"] = {"shipped_pusht_4.5M": {"parameters": parameters(shipped),
+    report["models"] = {"shipped_pusht": {"parameters": parameters(shipped),
                                                "loaded_as": type(shipped).__name__}}  # fmt: skip
-    report["t_ms"] = {"shipped_pusht_4.5M": call_times(shipped, device, sizes, modes)}
+    report["t_ms"] = {"shipped_pusht": call_times(shipped, device, sizes, modes)}
     _log("t(P) shipped done")
+    report["closed_loop"] = closed_loop(shipped, device, sizes)
+    _log("closed loop done")
+    shipped_check = validate(shipped, "shipped_pusht", report, None, device, sizes)
+    report["cost_model_check"] = [shipped_check]
+    host_per_round = shipped_check["host_per_round_ms"]
     with tempfile.TemporaryDirectory() as scratch:
         for model, network in sizes.models.items():
             policy = paper_size_policy(model, network, Path(scratch), str(device))
             report["models"][model] = {"parameters": parameters(policy),
                                        "loaded_as": type(policy).__name__}  # fmt: skip
             report["t_ms"][model] = call_times(policy, device, sizes, modes)
+            report["cost_model_check"].append(
+                validate(policy, model, report, host_per_round, device, sizes)
+            )
             del policy
-            _log(f"t(P) {model} done")
-    report["closed_loop"] = closed_loop(shipped, device, sizes)
-    _log("closed loop done")
+            _log(f"t(P) and cost-model check {model} done")
     report["cost_model"] = predicted_latency_ms(report)
     report["elapsed_s"] = time.perf_counter() - started
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -370,6 +428,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"# Replan cost on {report['device']} ({report['mode']})", ""]
+    if report["mode"] != "gpu":
+        lines += [
+            "No GPU: the captured configurations are emulated (a replay runs the captured "
+            "function again, at full windows), which checks them, not their speed.",
+            "",
+        ]
     lines += ["| configuration | p50 ms | p99 ms | rounds | model evals | vs seq. eager | "
               "vs seq. captured | first replan ms | max error |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -393,7 +457,18 @@ def markdown(report: dict) -> str:
                           == (dtype, mode, p)) for p in positions]  # fmt: skip
             lines.append(f"| {dtype} | {mode} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
         lines.append("")
-    lines += ["## Cost model: predicted vs measured replan latency (ms)", "",
+    lines += ["## Cost model check: each model's own warm chord replans (ms, mean)", "",
+              "Predicted: the sum of t(P) over each replan's rounds plus the host time per "
+              "round measured on the shipped policy (its row is that calibration).", "",
+              "| model | replans | rounds | measured | predicted | error | host per round |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in report.get("cost_model_check", []):
+        lines.append(
+            f"| {row['model']} | {row['replans']} | {row['rounds_mean']:.1f} | "
+            f"{row['measured_ms_mean']:.1f} | {row['predicted_ms_mean']:.1f} | "
+            f"{100 * row['relative_error']:+.0f}% | {row['host_per_round_ms']:.2f} |"
+        )
+    lines += ["", "## Cost model: predicted vs measured replan latency (ms)", "",
               "| model | configuration | dtype | rounds | predicted | measured |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for row in report["cost_model"]:

@@ -6,8 +6,9 @@ an fp16/bf16 model runs under an fp32 solver); ``compile`` the network with ``to
 capture it in CUDA graphs (``cuda_graphs``). Captures and compilations belong to the network, not
 to one replan's denoiser (:class:`~policy_accel.execution.graphs.NetworkRunner`): every later
 replan of the policy copies its conditioning into the capture's static buffers and replays it.
-With either option windows run in a few padded sizes (``bucket_ratio``; see
-:func:`~policy_accel.execution.graphs.bucket_size`), so a replan touches one or two shapes. The
+With either option windows run in a few padded sizes (``bucket_ratio``: 2 for graphs, 4 for
+compile; see :func:`~policy_accel.execution.graphs.bucket_size`), so a replan touches one or two
+shapes. The
 CPU thread count is a process setting made once at the entry points (the CLI, benchmarks);
 :meth:`describe` records it.
 """
@@ -23,6 +24,8 @@ from policy_accel.execution.base import Denoiser, Executor, flatten_window, unfl
 from policy_accel.execution.graphs import GraphCache, NetworkRunner, bucket_size
 
 DEFAULT_BUCKET_RATIO = 2
+# a compiled shape costs a compilation (seconds to a minute), a captured one a capture: coarser
+COMPILE_BUCKET_RATIO = 4
 
 
 class LocalExecutor(Executor):
@@ -47,7 +50,9 @@ class LocalExecutor(Executor):
         self.cuda_graphs = cuda_graphs
         captured = compile or cuda_graphs
         if bucket_ratio is None:
-            bucket_ratio = DEFAULT_BUCKET_RATIO if captured else 1
+            bucket_ratio = (
+                DEFAULT_BUCKET_RATIO if cuda_graphs else COMPILE_BUCKET_RATIO if compile else 1
+            )
         self.bucket_ratio = int(bucket_ratio)
         self.runner = (
             NetworkRunner("graphs" if cuda_graphs else "compile", compile=compile)

@@ -146,7 +146,7 @@ def _outside(policy, key: str, value: np.ndarray) -> str | None:
         normalized = policy.normalize_input(key, torch.from_numpy(value).to(policy.device))
         if normalized is None or not normalized.numel():
             return None
-        known = policy.observation_range(key)
+        known = _training_range(policy, key)
         if known is None:
             magnitude = float(normalized.abs().max())
             if magnitude <= MAX_NORMALIZED_MAGNITUDE:
@@ -211,3 +211,12 @@ def observation_tensor(policy, obs: dict, key: str, shape: tuple[int, ...]) -> T
     if not torch.isfinite(value).all():
         raise ObservationError(f"obs[{key!r}] contains NaN or Inf.")
     return value
+
+
+def _training_range(policy, key: str):
+    """``policy.observation_range(key)``, computed once per policy and key (it normalizes the
+    recorded bounds; every observation step reads it)."""
+    cache = policy.__dict__.setdefault("_training_ranges", {})
+    if key not in cache:
+        cache[key] = policy.observation_range(key)
+    return cache[key]
