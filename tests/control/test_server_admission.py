@@ -164,9 +164,7 @@ def test_admission_is_atomic_under_simultaneous_handshakes(tiny_pusht_policy):
         def client() -> None:
             barrier.wait()
             try:
-                connection = connect(
-                    f"ws://127.0.0.1:{server.port}", open_timeout=20, legacy=True
-                )
+                connection = connect(f"ws://127.0.0.1:{server.port}", open_timeout=20, legacy=True)
             except InvalidStatus as error:
                 with lock:
                     refused.append(error.response.status_code)

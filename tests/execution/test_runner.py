@@ -44,7 +44,9 @@ def test_new_conditioning_replays_with_its_own_values():
     for seed in range(3):
         cond = torch.randn(1, 8, generator=torch.Generator().manual_seed(seed))
         denoiser = ConditionedDenoiser(net, {"global_cond": cond}, 1)
-        torch.testing.assert_close(executor.evaluate(denoiser, x, t), eager.evaluate(denoiser, x, t))
+        torch.testing.assert_close(
+            executor.evaluate(denoiser, x, t), eager.evaluate(denoiser, x, t)
+        )
     assert executor.captures == 1
 
 
