@@ -53,7 +53,7 @@ class Capture:
     initialises them between solves) and its static ``outputs``."""
 
     graph: Any  # torch.cuda.CUDAGraph, None when emulated
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None  # kept only when emulated (run again at every replay)
     inputs: tuple[Tensor, ...]
     state: dict[str, Tensor]
     outputs: tuple[Tensor, ...]
@@ -118,9 +118,17 @@ class GraphCache:
         if entry is None or any(
             ref() is not owner for ref, owner in zip(entry.owners, owners, strict=True)
         ):
+            self._forget_dead()
             entry = self._capture(fn, inputs, owners, make_state)
             self._captures[key] = entry
         return entry
+
+    def _forget_dead(self) -> None:
+        """Drop the captures of networks (or rules) no longer alive: their graphs hold device
+        memory, and a server that loads policies again would otherwise keep every one."""
+        dead = [k for k, e in self._captures.items() if any(ref() is None for ref in e.owners)]
+        for key in dead:
+            del self._captures[key]
 
     def _capture(self, fn, inputs, owners, make_state) -> Capture:
         static = tuple(value.clone() for value in inputs)
@@ -141,7 +149,8 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = _plainly(call, static, state)
-        return Capture(graph, call, static, state, _as_tuple(outputs), refs)
+        # the graph needs no Python object of fn's: keeping fn would keep its network alive
+        return Capture(graph, None, static, state, _as_tuple(outputs), refs)
 
     def clear(self) -> None:
         self._captures.clear()
@@ -189,11 +198,13 @@ class NetworkRunner:
         return self.graphs.captures if self.mode == "graphs" else len(self._shapes)
 
     def network(self, network: Any) -> Any:
-        """The network as this runner calls it (compiled once per network when asked)."""
+        """The network as this runner calls it (compiled once per network when asked; a compiled
+        wrapper holds its network, so compiled networks live as long as the runner)."""
         if not self.compile:
             return network
         entry = self._compiled.get(id(network))
         if entry is None or entry[0]() is not network:
+            self._compiled = {k: e for k, e in self._compiled.items() if e[0]() is not None}
             entry = (weakref.ref(network), torch.compile(network, dynamic=False))
             self._compiled[id(network)] = entry
         return entry[1]
@@ -217,10 +228,11 @@ class NetworkRunner:
         if self.mode == "compile" or GraphCache.capturing():
             self._shapes.add(key)
             return model(x, t, **context)
-        names = tuple(context)
+        names, model_ref = tuple(context), weakref.ref(model)
 
         def call(x: Tensor, t: Tensor, *values: Tensor) -> Tensor:
-            return model(x, t, **dict(zip(names, values, strict=True)))
+            # weakly: a capture must not keep its network alive (see GraphCache._forget_dead)
+            return model_ref()(x, t, **dict(zip(names, values, strict=True)))
 
         (output,) = self.graphs(key, call, (x, t, *context.values()), owners=(network,))
         return output.clone()  # the static output is overwritten by the next replay

@@ -105,7 +105,8 @@ def test_the_compiled_path_compiles_a_few_shapes_and_nothing_after_the_second_re
     tiny_pusht_policy,
 ):
     """Over 10 closed-loop warm replans: a handful of compiled shapes in all, never near
-    dynamo's recompile limit (8), none after the second replan, chunks equal to eager's.
+    dynamo's recompile limit (8), none after the second replan, chunks equal to eager's to the
+    solver's tolerance.
     (Before: a compilation per window size, the limit hit within two replans, eager after.)"""
     pytest.importorskip("torch._inductor")
     policy = tiny_pusht_policy
@@ -113,13 +114,16 @@ def test_the_compiled_path_compiles_a_few_shapes_and_nothing_after_the_second_re
     compiled = Controller(policy, sampler, seed=3)
     eager = Controller(policy, seed=3)
     rng = np.random.default_rng(1)
-    counts = []
+    counts, errors = [], []
     for _ in range(10):
         obs = rng.uniform(100, 400, 20).astype(np.float32)
         got, expected = compiled.plan(obs, executed=8), eager.plan(obs, executed=8)
         counts.append(compiled.planner.executor.captures)
         normalized = [policy.normalize_action(torch.as_tensor(p.chunk)) for p in (got, expected)]
-        assert float((normalized[0] - normalized[1]).abs().max()) <= 1e-4
+        errors.append(float((normalized[0] - normalized[1]).abs().max()))
+        # measured here: at most 1e-6 (the same rounds); on another CPU compiled kernels may
+        # flip a convergence decision, which moves a chunk by up to the solver's tolerance
+        assert errors[-1] <= 2e-3, errors
     assert counts[-1] <= 5, counts
     assert counts[-1] == counts[1], counts  # nothing compiled after the second replan
 
@@ -161,3 +165,18 @@ def test_every_policy_kind_plans_alike_with_captured_rounds(kind_policy):
         assert error.max() <= 1e-4, (kind, index, error.max())
         assert plans[1].result.stats.get("captured_rounds")
     assert captured_executor.graphs.captures <= 2  # plain and inpainted problems
+
+
+def test_captures_of_a_network_that_is_gone_are_dropped():
+    """A server that loads policies again keeps no graph of the ones it let go."""
+    import gc
+
+    executor = LocalExecutor.emulating_graphs()
+    cond = {"global_cond": torch.randn(1, 8)}
+    x, t = torch.randn(2, 1, 16, 2), torch.arange(2)
+    first = small_unet(0)
+    executor.evaluate(ConditionedDenoiser(first, cond, 1), x, t)
+    del first
+    gc.collect()
+    executor.evaluate(ConditionedDenoiser(small_unet(1), cond, 1), x, t)
+    assert len(executor.runner.graphs._captures) == 1
