@@ -16,8 +16,11 @@ from __future__ import annotations
 import bisect
 import time
 
+import numpy as np
 import torch
 
+from policy_accel.bench.episode import as_observation, load_episode
+from policy_accel.control import Controller, SamplerConfig
 from policy_accel.execution import LocalExecutor
 
 
@@ -109,3 +112,37 @@ def typical_windows(measured: dict) -> list[int]:
         return []
     target = measured["rounds_mean"]
     return min(recorded, key=lambda sizes: abs(len(sizes) - target))
+
+
+def validate(policy, model: str, report: dict, host_per_round_ms: float | None, device,
+             replans: int) -> dict:  # fmt: skip
+    """The cost model against a measurement: ``replans`` warm eager chord replans of ``policy``
+    on the recorded episode, each predicted as the sum of ``t(P)`` over its own rounds' window sizes
+    plus ``host_per_round_ms`` a round (None: measured here, on this policy, and returned in
+    the row: the shipped policy's calibration)."""
+    episode = load_episode()
+    n = policy.n_action_steps
+    executor = TimedExecutor(device)
+    controller = Controller(policy, SamplerConfig(), seed=0, executor=executor)
+    measured, model_ms, rounds, host = [], [], [], []
+    for index, obs in enumerate(episode[: (replans + 1) * n]):
+        executor.model_s = 0.0
+        step = controller.step(as_observation(policy, obs))
+        if step.plan is None or index < n:  # the first (cold) replan is not timed
+            continue
+        windows = step.plan.result.stats["window_sizes"]
+        measured.append(step.plan.record.latency_ms)
+        model_ms.append(model_time_ms(report["t_ms"][model], windows, dtype="float32",
+                                      mode="eager"))  # fmt: skip
+        rounds.append(len(windows))
+        host.append(step.plan.record.latency_ms - executor.model_s * 1e3)
+    calibration = host_per_round_ms is None
+    if calibration:
+        host_per_round_ms = float(np.sum(host) / np.sum(rounds))
+    predicted = np.array(model_ms) + host_per_round_ms * np.array(rounds)
+    error = (predicted.mean() - np.mean(measured)) / np.mean(measured)
+    return {"model": model, "configuration": "chord eager", "replans": len(measured),
+            "rounds_mean": float(np.mean(rounds)), "measured_ms_mean": float(np.mean(measured)),
+            "predicted_ms_mean": float(predicted.mean()), "host_ms_mean": float(np.mean(host)),
+            "host_per_round_ms": host_per_round_ms, "calibration": calibration,
+            "relative_error": float(error)}  # fmt: skip

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policy_accel.bench.cost import TimedExecutor, model_time_ms, predicted_latency_ms
+from policy_accel.bench.cost import predicted_latency_ms, validate
+from policy_accel.bench.episode import load_episode, record_episode
 from policy_accel.bench.paths import checkpoints_dir, result_path
 from policy_accel.control import Controller, SamplerConfig
 from policy_accel.execution import LocalExecutor
@@ -51,7 +52,6 @@ from policy_accel.execution.bound import ConditionedDenoiser
 from policy_accel.json_files import write_json
 from policy_accel.policies.loading import load_policy
 
-EPISODE = Path(__file__).with_name("data") / "pusht_episode.npz"
 # the paper-size and LeRobot-default UNets (network sizes; the rest of the config is PushT's)
 MODELS = {
     "chi_lowdim_unet": {"down_dims": [256, 512, 1024], "diffusion_step_embed_dim": 256},
@@ -204,7 +204,7 @@ def closed_loop_configs(device: torch.device) -> dict[str, tuple[SamplerConfig, 
 def closed_loop(policy, device: torch.device, sizes: Sizes) -> dict:
     """Every configuration's Controller steps through the recorded episode; they replan at the
     same steps (every n_action_steps), one after another at each replan."""
-    episode = np.load(EPISODE)["obs"]
+    episode = load_episode()
     n = policy.n_action_steps
     steps = episode[: (sizes.replans + sizes.warm_up_replans) * n]
     controllers = {
@@ -265,71 +265,6 @@ def _max_error(policy, reference: list, plans: dict) -> dict[str, float]:
             worst = max(worst, float((a - b).abs().max()))
         errors[name] = worst
     return errors
-
-
-def record_episode(steps: int = 400, seed: int = 100000) -> Path:
-    """Record the observations of a PushT episode (the shipped policy, warm chord) into
-    :data:`EPISODE`, so that the device replays the same replans without the simulator."""
-    import envs
-
-    policy = load_policy(checkpoints_dir() / "pusht_keypoints")
-    controller = Controller(policy, SamplerConfig(), seed=0)
-    env = envs.make("pusht", legacy_seeds=True)
-    obs, _ = env.reset(seed=seed)
-    recorded = []
-    for _ in range(steps):
-        recorded.append(np.asarray(obs, dtype=np.float32))
-        obs, _, terminated, truncated, _ = env.step(controller.act(obs))
-        if terminated or truncated:
-            obs, _ = env.reset(seed=seed + 1)
-            controller.reset()
-    EPISODE.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(EPISODE, obs=np.stack(recorded), seed=seed)
-    return EPISODE
-
-
-def _as_observation(policy, obs: np.ndarray):
-    """A recorded PushT step for ``policy``: the flat 20 entries, or LeRobot's split of them
-    (``observation.state`` the trailing 2, as ``export_lerobot`` wrote it)."""
-    spec = policy.observation_spec
-    if len(spec) == 1:
-        return obs
-    state = spec["observation.state"][0]
-    return {"observation.environment_state": obs[:-state], "observation.state": obs[-state:]}
-
-
-def validate(policy, model: str, report: dict, host_per_round_ms: float | None, device,
-             sizes: Sizes) -> dict:  # fmt: skip
-    """The cost model against a measurement: warm eager chord replans of ``policy`` on the
-    recorded episode, each predicted as the sum of ``t(P)`` over its own rounds' window sizes
-    plus ``host_per_round_ms`` a round (None: measured here, on this policy, and returned in
-    the row: the shipped policy's calibration)."""
-    episode = np.load(EPISODE)["obs"]
-    n = policy.n_action_steps
-    executor = TimedExecutor(device)
-    controller = Controller(policy, SamplerConfig(), seed=0, executor=executor)
-    measured, model_ms, rounds, host = [], [], [], []
-    for index, obs in enumerate(episode[: (sizes.validation_replans + 1) * n]):
-        executor.model_s = 0.0
-        step = controller.step(_as_observation(policy, obs))
-        if step.plan is None or index < n:  # the first (cold) replan is not timed
-            continue
-        windows = step.plan.result.stats["window_sizes"]
-        measured.append(step.plan.record.latency_ms)
-        model_ms.append(model_time_ms(report["t_ms"][model], windows, dtype="float32",
-                                      mode="eager"))  # fmt: skip
-        rounds.append(len(windows))
-        host.append(step.plan.record.latency_ms - executor.model_s * 1e3)
-    calibration = host_per_round_ms is None
-    if calibration:
-        host_per_round_ms = float(np.sum(host) / np.sum(rounds))
-    predicted = np.array(model_ms) + host_per_round_ms * np.array(rounds)
-    error = (predicted.mean() - np.mean(measured)) / np.mean(measured)
-    return {"model": model, "configuration": "chord eager", "replans": len(measured),
-            "rounds_mean": float(np.mean(rounds)), "measured_ms_mean": float(np.mean(measured)),
-            "predicted_ms_mean": float(predicted.mean()), "host_ms_mean": float(np.mean(host)),
-            "host_per_round_ms": host_per_round_ms, "calibration": calibration,
-            "relative_error": float(error)}  # fmt: skip
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -402,7 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     _log("t(P) shipped done")
     report["closed_loop"] = closed_loop(shipped, device, sizes)
     _log("closed loop done")
-    shipped_check = validate(shipped, "shipped_pusht", report, None, device, sizes)
+    shipped_check = validate(
+        shipped, "shipped_pusht", report, None, device, sizes.validation_replans
+    )
     report["cost_model_check"] = [shipped_check]
     host_per_round = shipped_check["host_per_round_ms"]
     with tempfile.TemporaryDirectory() as scratch:
@@ -412,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "loaded_as": type(policy).__name__}  # fmt: skip
             report["t_ms"][model] = call_times(policy, device, sizes, modes)
             report["cost_model_check"].append(
-                validate(policy, model, report, host_per_round, device, sizes)
+                validate(policy, model, report, host_per_round, device, sizes.validation_replans)
             )
             del policy
             _log(f"t(P) and cost-model check {model} done")
